@@ -1,0 +1,32 @@
+# The two commands: `make up` serves the default model, `make test` runs the suite.
+# Both create or refresh .venv from pyproject.toml (+ constraints.txt) when needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= deploy/local.yaml
+# The CPU wheel of torch; installed first so nothing pulls a CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: up test install bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx,train]"
+	touch $(STAMP)
+
+up: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/loraserve up --config $(CONFIG)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) loadtest/bench_embeddings.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

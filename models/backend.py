@@ -1,0 +1,96 @@
+"""The one seam between serving and tensors.
+
+``Backend`` is the interface the serving layer talks to; ``create_backend`` is the only place
+that knows which implementation serves which variant. Lifecycle: construct (cheap, no I/O) ->
+``load()`` (reads weights, may take seconds) -> ``predict()`` many times -> ``close()``.
+
+Outputs are numpy arrays so nothing above this layer imports torch:
+- embed: ``[rows, hidden]`` float32, pooled (and L2-normalized when the spec says so);
+- classify: ``[rows, num_labels]`` float32 class probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import ModelLoadError, VariantNotFound
+from models.spec import ModelSpec
+from models.tokenization import Input, InputEncoder
+
+HEALTH_PROBE = "health check"
+
+
+class Backend(ABC):
+    """One loaded (base, variant): tokenizer, weights and a ``predict`` over a batch of rows."""
+
+    variant: str = ""
+
+    def __init__(self, spec: ModelSpec, path: Path):
+        self.spec = spec
+        self.path = path
+        self.encoder: InputEncoder | None = None
+        self.labels: tuple[str, ...] = ()  # classify: label of each output column
+        self.dimensions: int = 0  # embed: width of an embedding
+
+    @abstractmethod
+    def load(self) -> None:
+        """Read tokenizer and weights; sets ``encoder``, ``labels``/``dimensions``."""
+
+    @abstractmethod
+    def predict(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Run one forward pass over token-id rows (already with special tokens), padding them
+        to the longest row of this batch. Returns ``[len(rows), width]`` float32."""
+
+    def encode(self, inputs: Sequence[Input], *, truncate: bool = False) -> list[list[int]]:
+        if self.encoder is None:
+            raise ModelLoadError(f"model {self.spec.id!r} is not loaded")
+        return self.encoder.encode(inputs, truncate=truncate)
+
+    def health(self) -> None:
+        """A tiny real inference; raises if the backend cannot serve."""
+        out = self.predict(self.encode([HEALTH_PROBE]))
+        if out.shape[0] != 1 or not np.all(np.isfinite(out)):
+            raise ModelLoadError(f"model {self.spec.id!r} produced no finite output")
+
+    def close(self) -> None:
+        """Release weights; the backend must not be used afterwards."""
+        self.encoder = None
+
+
+def max_input_tokens(spec: ModelSpec, path: Path, tokenizer, config) -> int:
+    """The spec's limit, else sentence-transformers' max_seq_length, else the model's own."""
+    if spec.max_input_tokens:
+        return spec.max_input_tokens
+    st_cfg = path / "sentence_bert_config.json"
+    if st_cfg.is_file():
+        return int(json.loads(st_cfg.read_text())["max_seq_length"])
+    limits = [getattr(config, "max_position_embeddings", None)]
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if tok_max and tok_max < 1_000_000:
+        limits.append(tok_max)
+    limits = [x for x in limits if x]
+    if not limits:
+        raise ModelLoadError(f"cannot tell the input limit of {spec.id!r}; set max_input_tokens")
+    return int(min(limits))
+
+
+def create_backend(spec: ModelSpec, variant: str) -> Backend:
+    """The single factory: pick the implementation for a variant. Nothing is loaded yet."""
+    from models.sources import resolve_source
+
+    if variant not in spec.variants:
+        raise VariantNotFound(
+            f"model {spec.id!r} has no variant {variant!r}; it serves {', '.join(spec.variants)}",
+            param="model",
+        )
+    path = resolve_source(spec.source)
+    if variant == "torch":
+        from models.torch_backend import TorchBackend
+
+        return TorchBackend(spec, path)
+    raise VariantNotFound(f"variant {variant!r} is not available in this build", param="model")

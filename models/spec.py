@@ -1,0 +1,103 @@
+"""Model specifications: what a base model is and how it may be served.
+
+A ``ModelSpec`` is read from configuration once and passed down; nothing in the model layer
+reads the environment. Every field carries a description because these objects are the
+documented configuration surface (they appear verbatim under ``models:`` in deploy/*.yaml).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Task = Literal["embed", "classify", "generate"]
+VariantName = Literal["torch", "onnx", "onnx-int8"]
+VARIANT_NAMES: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
+
+# Names users put in the `model` string. Hub-style ids (`org/name`) are allowed for bases.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingSpec(_Strict):
+    """Dynamic batching inside one ModelServer replica."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most rows in one forward pass.")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="Extra time to wait for more rows once a batch could start. 0 means a batch "
+        "starts as soon as the backend is free; rows that arrive while it runs form the next one.",
+    )
+    max_queue_rows: int = Field(
+        1024, ge=1, description="Rows waiting in the replica's queue before new requests get 503."
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Upper bound on rows x padded length in one forward pass."
+    )
+
+
+class AdapterPolicy(_Strict):
+    """Limits on LoRA adapters for this base (enforced when adapters are loaded)."""
+
+    max_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted for this base.")
+    adapters_per_replica: int = Field(
+        16, ge=1, description="Capacity of each replica's adapter LRU."
+    )
+
+
+class ModelSpec(_Strict):
+    """One base model of the catalog."""
+
+    id: str = Field(description="Short name used in the `model` string, e.g. `minilm`.")
+    source: str = Field(
+        description="Where the weights are: a local directory, or `package:<module>` for a "
+        "Python package exposing `get_model_path()` (the bundled default uses this)."
+    )
+    hub_id: str | None = Field(
+        None,
+        description="Hugging Face hub id this model is known by; accepted as an alias in the "
+        "`model` string and used to check adapter compatibility. Never downloaded.",
+    )
+    task: Task = Field(description="`embed`, `classify` or `generate`.")
+    max_input_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="Longest accepted input including special tokens. Default: the model's own "
+        "limit (sentence-transformers' max_seq_length, else the tokenizer's, else position "
+        "embeddings).",
+    )
+    normalize: bool = Field(True, description="L2-normalize embeddings (embed task).")
+    pooling: Literal["mean", "cls"] = Field("mean", description="Pooling for the embed task.")
+    default_variant: VariantName = Field("torch", description="Variant used when none is named.")
+    variants: tuple[VariantName, ...] = Field(("torch",), description="Variants to serve.")
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="Intra-op threads for torch; default: the CPUs Ray gives."
+    )
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    adapters: AdapterPolicy = Field(default_factory=AdapterPolicy)
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str) -> str:
+        if not NAME_RE.match(v) or "/" in v:
+            raise ValueError(f"model id {v!r} must match [A-Za-z0-9][A-Za-z0-9._-]* (no '/')")
+        return v
+
+    @model_validator(mode="after")
+    def _default_variant_served(self) -> "ModelSpec":
+        if self.default_variant not in self.variants:
+            raise ValueError(
+                f"default_variant {self.default_variant!r} is not in variants {self.variants}"
+            )
+        return self
+
+    def names(self) -> tuple[str, ...]:
+        """Every name this model answers to in a `model` string."""
+        return (self.id,) + ((self.hub_id,) if self.hub_id else ())

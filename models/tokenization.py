@@ -1,0 +1,81 @@
+"""Turn request inputs (strings or token-id arrays) into model token ids, with the limits.
+
+Token-id arrays follow the OpenAI convention of "tokens of the text": ids from this model's own
+vocabulary *without* special tokens (what ``tokenizer.encode(text, add_special_tokens=False)``
+returns). The encoder adds the model's special tokens, so ``[ids of "hi"]`` and ``"hi"`` give the
+same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from models.errors import InputTooLong, InvalidRequest
+
+Input = str | Sequence[int]
+
+
+class InputEncoder:
+    """Wraps a Hugging Face fast tokenizer with the service's limits."""
+
+    def __init__(self, tokenizer, max_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.vocab_size = len(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._n_special = len(tokenizer.build_inputs_with_special_tokens([]))
+
+    def encode(self, inputs: Sequence[Input], *, truncate: bool = False) -> list[list[int]]:
+        """Token ids with special tokens, one list per input; raises on invalid or long input."""
+        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+        out: list[list[int] | None] = [None] * len(inputs)
+        if texts:
+            for i, text in texts:
+                _check_text(text, i)
+            enc = self.tokenizer(
+                [t for _, t in texts],
+                add_special_tokens=True,
+                truncation=truncate,
+                max_length=self.max_tokens if truncate else None,
+                verbose=False,
+            )["input_ids"]
+            for (i, _), ids in zip(texts, enc):
+                out[i] = ids
+        for i, x in enumerate(inputs):
+            if out[i] is None:
+                out[i] = self._from_ids(x, i, truncate)
+        for i, ids in enumerate(out):
+            if len(ids) > self.max_tokens:
+                raise InputTooLong(
+                    f"input {i} has {len(ids)} tokens; the limit is {self.max_tokens} "
+                    "(send `truncate: true` to cut it instead)",
+                    param="input",
+                )
+        return out  # type: ignore[return-value]
+
+    def _from_ids(self, ids: Sequence[int], index: int, truncate: bool) -> list[int]:
+        if len(ids) == 0:
+            raise InvalidRequest(f"input {index} is an empty token array", param="input")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise InvalidRequest(
+                    f"input {index} has token id {t!r} outside this model's vocabulary "
+                    f"[0, {self.vocab_size})",
+                    param="input",
+                )
+        body = list(ids)
+        if truncate:
+            body = body[: max(self.max_tokens - self._n_special, 0)]
+        return self.tokenizer.build_inputs_with_special_tokens(body)
+
+
+def _check_text(text: str, index: int) -> None:
+    if not text:
+        raise InvalidRequest(f"input {index} is an empty string", param="input")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"input {index} is not valid Unicode (lone surrogate at position {exc.start})",
+            param="input",
+        ) from None

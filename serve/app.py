@@ -1,0 +1,29 @@
+"""The application builder named in deploy/*.yaml: ``import_path: serve.app:build_app``.
+
+``args`` of the config are the ``AppSettings``. Co-located models load inside the Router's
+replicas; each (base, variant) with placement ``separate`` becomes a ModelServer deployment whose
+handle the Router receives. Every deployment gets an ``autoscaling_config``.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from serve.deployments import ModelServerDeployment, deployment_name
+from serve.router import Router
+from serve.settings import AppSettings
+
+
+def build_app(args: dict) -> Application:
+    settings = AppSettings.model_validate(args)
+    handles = {}
+    for spec in settings.models:
+        if spec.placement != "separate":
+            continue
+        for variant in spec.variants:
+            handles[f"{spec.id}@{variant}"] = ModelServerDeployment.options(
+                name=deployment_name(spec.id, variant), **spec.deployment.deployment_options()
+            ).bind(spec.model_dump(mode="json"), variant)
+    return Router.options(**settings.router.deployment_options()).bind(
+        settings.model_dump(mode="json"), handles
+    )

@@ -1,0 +1,106 @@
+"""The one error table: domain error class -> HTTP status and OpenAI error ``type``.
+
+Everything the service reports goes through ``error_body``/``classify_exception`` so a status is
+decided in exactly one place. Unknown exceptions become ``500 internal_error`` with no traceback
+in the body (the traceback goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from models.errors import (
+    InferenceTimeout,
+    InvalidRequest,
+    ModelLoadError,
+    NotFound,
+    NotReady,
+    Overloaded,
+    ServiceError,
+)
+
+log = logging.getLogger("loraserve")
+
+
+class Unauthorized(ServiceError):
+    code = "invalid_api_key"
+
+
+class Forbidden(ServiceError):
+    code = "forbidden"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    code = "unsupported_media_type"
+
+
+class MethodNotAllowed(ServiceError):
+    code = "method_not_allowed"
+
+
+class Conflict(ServiceError):
+    code = "conflict"
+
+
+class RateLimited(ServiceError):
+    code = "rate_limited"
+
+
+# Most specific first: the first class an exception is an instance of decides.
+ERROR_TABLE: tuple[tuple[type[ServiceError], int, str], ...] = (
+    (Unauthorized, 401, "authentication_error"),
+    (Forbidden, 403, "permission_error"),
+    (PayloadTooLarge, 413, "invalid_request_error"),
+    (UnsupportedMediaType, 415, "invalid_request_error"),
+    (MethodNotAllowed, 405, "invalid_request_error"),
+    (InvalidRequest, 400, "invalid_request_error"),
+    (NotFound, 404, "not_found_error"),
+    (Conflict, 409, "invalid_request_error"),
+    (RateLimited, 429, "rate_limit_error"),
+    (InferenceTimeout, 408, "timeout_error"),
+    (Overloaded, 503, "service_unavailable_error"),
+    (NotReady, 503, "service_unavailable_error"),
+    (ModelLoadError, 503, "service_unavailable_error"),
+    (ServiceError, 500, "internal_error"),
+)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """Errors raised in another Ray replica arrive wrapped; return the original."""
+    cause = getattr(exc, "cause", None)
+    if cause is not None and type(exc).__name__.startswith("RayTaskError"):
+        return cause
+    return exc
+
+
+def as_service_error(exc: BaseException) -> ServiceError:
+    exc = unwrap(exc)
+    if isinstance(exc, ServiceError):
+        return exc
+    log.error("internal error", exc_info=exc)
+    return ServiceError("internal error")
+
+
+def status_of(err: ServiceError) -> tuple[int, str]:
+    for cls, status, kind in ERROR_TABLE:
+        if isinstance(err, cls):
+            return status, kind
+    return 500, "internal_error"  # unreachable: ServiceError closes the table
+
+
+def error_body(err: ServiceError, request_id: str) -> tuple[int, dict, dict[str, str]]:
+    """Status, the OpenAI error envelope, and extra headers (``Retry-After`` on 503)."""
+    status, kind = status_of(err)
+    message = err.message if status != 500 else "internal error"
+    body = {
+        "error": {"message": message, "type": kind, "param": err.param, "code": err.code},
+        "request_id": request_id,
+    }
+    headers = {"x-request-id": request_id}
+    if status == 503:
+        headers["Retry-After"] = str(getattr(err, "retry_after_s", 1))
+    return status, body, headers

