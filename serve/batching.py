@@ -33,6 +33,7 @@ RunBatch = Callable[[Sequence[Sequence[int]]], np.ndarray]
 class _Row:
     ids: Sequence[int]
     future: asyncio.Future
+    first: bool  # first row of its request: the one whose queue wait is recorded
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -63,7 +64,7 @@ class Batcher:
             )
         self._ensure_worker()
         loop = asyncio.get_running_loop()
-        items = [_Row(ids, loop.create_future()) for ids in rows]
+        items = [_Row(ids, loop.create_future(), i == 0) for i, ids in enumerate(rows)]
         self._queue.extend(items)
         self._wake.set()
         try:
@@ -108,7 +109,8 @@ class Batcher:
             start = time.perf_counter()
             if self._observer is not None:
                 for r in batch:
-                    self._observer.queued((start - r.enqueued) * 1000)
+                    if r.first:
+                        self._observer.queued((start - r.enqueued) * 1000)
             try:
                 out = await loop.run_in_executor(self._executor, self._run, [r.ids for r in batch])
             except Exception as exc:  # the whole batch failed: each request learns why

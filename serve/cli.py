@@ -18,20 +18,19 @@ def _up(args: argparse.Namespace) -> int:
     config = launcher.load_config(args.config)
     http = config.get("http_options", {})
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
-    metrics_port = launcher.app_args(config).get("metrics", {}).get("export_port", 8080)
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
     print(f"starting Ray and deploying {args.config} ...", flush=True)
-    launcher.start_ray(metrics_port)
+    service = launcher.LocalService(config)
     try:
-        launcher.deploy(config)
+        service.start()
         print(
             f"\n  API      http://{host}:{port}/v1   (try: curl http://{host}:{port}/v1/models)\n"
             f"  health   http://{host}:{port}/health\n"
-            f"  metrics  http://127.0.0.1:{metrics_port}/metrics\n\n"
+            f"  metrics  http://127.0.0.1:{service.settings.metrics.export_port}/metrics\n\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
@@ -41,7 +40,7 @@ def _up(args: argparse.Namespace) -> int:
         print("\nshutting down ...", flush=True)
         return 0
     finally:
-        launcher.stop()
+        service.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

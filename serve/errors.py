@@ -100,7 +100,7 @@ def error_body(err: ServiceError, request_id: str) -> tuple[int, dict, dict[str,
         "error": {"message": message, "type": kind, "param": err.param, "code": err.code},
         "request_id": request_id,
     }
-    headers = {"x-request-id": request_id}
+    headers: dict[str, str] = {}
     if status == 503:
         headers["Retry-After"] = str(getattr(err, "retry_after_s", 1))
     return status, body, headers

@@ -2,14 +2,25 @@
 
 ``make up`` (through ``loraserve up``) and the integration tests use the same code path, and it
 mirrors what ``serve run deploy/<file>.yaml`` does: the config is a ``ServeDeploySchema``.
+
+Serve's fast-path switches are process environment variables read when Ray's processes start,
+so ``ray_env`` derives them from the config's ``ingress`` settings and ``start_ray`` sets them
+before ``ray.init``. HAProxy's files go to a per-run folder, and ``stop`` kills an HAProxy that
+outlived Ray (seen with Ray 2.60 after SIGTERM).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
+
+from serve.settings import AppSettings
 
 DEFAULT_CONFIG = "deploy/local.yaml"
 
@@ -23,22 +34,81 @@ def app_args(config: dict, index: int = 0) -> dict:
     return config["applications"][index].get("args", {})
 
 
-def start_ray(metrics_port: int | None, num_cpus: int | None = None) -> None:
-    """A local, loopback-only Ray with no dashboard; metrics on a fixed port when given."""
-    import ray
+def ray_env(settings: AppSettings, run_dir: Path) -> dict[str, str]:
+    ing = settings.ingress
+    env = {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if ing.throughput_optimized else "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ing.direct_port_range[0]),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ing.direct_port_range[1]),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    if ing.mode == "haproxy":
+        env.update(
+            RAY_SERVE_ENABLE_HA_PROXY="1",
+            RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=str(run_dir / "haproxy.cfg"),
+            RAY_SERVE_HAPROXY_SOCKET_PATH=str(run_dir / "admin.sock"),
+            RAY_SERVE_HAPROXY_SERVER_STATE_BASE=str(run_dir),
+            RAY_SERVE_HAPROXY_SERVER_STATE_FILE=str(run_dir / "server-state"),
+            RAY_SERVE_HAPROXY_STATS_PORT=str(ing.haproxy_stats_port),
+            RAY_SERVE_HAPROXY_METRICS_PORT=str(ing.haproxy_metrics_port),
+            RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S=str(ing.server_timeout_s),
+        )
+    else:
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+        if not ing.throughput_optimized:
+            env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
+    return env
 
-    kw = {}
-    if metrics_port:
-        kw["_metrics_export_port"] = metrics_port
-    ray.init(
-        namespace="serve",
-        include_dashboard=False,
-        num_cpus=num_cpus,
-        _node_ip_address="127.0.0.1",
-        configure_logging=True,
-        logging_level="warning",
-        **kw,
-    )
+
+class LocalService:
+    """One local Ray + Serve deployment of a config; ``start()``/``stop()`` or a context."""
+
+    def __init__(self, config: dict, num_cpus: int | None = None):
+        self.config = config
+        self.settings = AppSettings.model_validate(app_args(config))
+        self.num_cpus = num_cpus
+        self.run_dir = Path(tempfile.mkdtemp(prefix="loraserve-"))
+        self._saved_env: dict[str, str | None] = {}
+
+    def start(self, timeout_s: float = 300.0) -> "LocalService":
+        import ray
+
+        for key, value in ray_env(self.settings, self.run_dir).items():
+            self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+        ray.init(
+            namespace="serve",
+            include_dashboard=False,
+            num_cpus=self.num_cpus,
+            _node_ip_address="127.0.0.1",
+            _metrics_export_port=self.settings.metrics.export_port,
+            logging_level="warning",
+        )
+        deploy(self.config, timeout_s)
+        return self
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            _kill_matching(str(self.run_dir))
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            for key, value in self._saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def __enter__(self) -> "LocalService":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def deploy(config: dict, timeout_s: float = 300.0) -> None:
@@ -68,11 +138,15 @@ def deploy(config: dict, timeout_s: float = 300.0) -> None:
         time.sleep(0.5)
 
 
-def stop() -> None:
-    import ray
-    from ray import serve
-
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+def _kill_matching(fragment: str) -> None:
+    """Kill processes whose command line contains ``fragment`` (the per-run HAProxy)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fragment in cmdline and int(proc.name) != os.getpid():
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -22,6 +22,9 @@ class DeploymentSettings(_Strict):
     """Ray Serve knobs of one deployment; every deployment autoscales within these bounds."""
 
     min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas at start (default: min_replicas, at least 1)."
+    )
     max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
     target_ongoing_requests: float = Field(
         32.0, gt=0, description="Autoscaler target of in-flight requests per replica."
@@ -39,12 +42,19 @@ class DeploymentSettings(_Strict):
             raise ValueError(
                 f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}"
             )
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError(
+                f"initial_replicas {self.initial_replicas} is outside "
+                f"{self.min_replicas}..{self.max_replicas}"
+            )
         return self
 
     def autoscaling_config(self) -> dict[str, Any]:
         return {
             "min_replicas": self.min_replicas,
-            "initial_replicas": max(self.min_replicas, 1),
+            "initial_replicas": self.initial_replicas or max(self.min_replicas, 1),
             "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
@@ -97,6 +107,30 @@ class MetricsSettings(_Strict):
     )
 
 
+class IngressSettings(_Strict):
+    """How HTTP reaches the Router replicas (applied by ``loraserve up`` before Ray starts;
+    with plain ``serve run``, set the equivalent RAY_SERVE_* variables yourself)."""
+
+    mode: Literal["haproxy", "proxy"] = Field(
+        "haproxy",
+        description="`haproxy`: Ray's bundled HAProxy owns the public port and forwards to the "
+        "replicas' direct-ingress ports (one hop, fastest). `proxy`: Ray's Python HTTP proxy.",
+    )
+    throughput_optimized: bool = Field(
+        True, description="Set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress, gRPC handles)."
+    )
+    haproxy_stats_port: int = Field(8404, ge=1, le=65535, description="HAProxy stats page.")
+    haproxy_metrics_port: int = Field(
+        9101, ge=1, le=65535, description="HAProxy's Prometheus endpoint."
+    )
+    server_timeout_s: int = Field(
+        60, ge=1, description="HAProxy's timeout waiting on a replica's answer."
+    )
+    direct_port_range: tuple[int, int] = Field(
+        (30000, 30999), description="Ports the replicas' direct-ingress servers may take."
+    )
+
+
 class AppSettings(_Strict):
     """Everything under ``args:`` of the application in deploy/*.yaml."""
 
@@ -104,6 +138,7 @@ class AppSettings(_Strict):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
     router: DeploymentSettings = Field(
         default_factory=DeploymentSettings, description="The ingress (Router) deployment."
     )
