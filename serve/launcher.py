@@ -40,6 +40,7 @@ def ray_env(settings: AppSettings, run_dir: Path) -> dict[str, str]:
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if ing.throughput_optimized else "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ing.direct_port_range[0]),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ing.direct_port_range[1]),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(ing.drain_s),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     if ing.mode == "haproxy":

@@ -126,6 +126,12 @@ class IngressSettings(_Strict):
     server_timeout_s: int = Field(
         60, ge=1, description="HAProxy's timeout waiting on a replica's answer."
     )
+    drain_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long a stopping replica keeps its direct-ingress port draining "
+        "(Ray's default is 30 s; locally a quick Ctrl-C matters more).",
+    )
     direct_port_range: tuple[int, int] = Field(
         (30000, 30999), description="Ports the replicas' direct-ingress servers may take."
     )

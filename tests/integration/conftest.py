@@ -73,6 +73,9 @@ def service_config(tiny_models) -> dict:
 def service(tiny_models):
     from serve.launcher import LocalService
 
+    import os
+
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # faster metric tests
     config = service_config(tiny_models)
     svc = LocalService(config, num_cpus=4).start()
     svc.base_url = f"http://127.0.0.1:{config['http_options']['port']}"

@@ -1,0 +1,57 @@
+"""Metrics are exported through Ray's metrics port and show the batching at work."""
+
+import asyncio
+import re
+import time
+
+import httpx
+
+
+def scrape(service) -> str:
+    port = service.settings.metrics.export_port
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def series(text: str, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_request_batch_token_and_error_metrics(service, client):
+    async def burst():
+        async with httpx.AsyncClient(base_url=service.base_url, timeout=60) as c:
+            return await asyncio.gather(
+                *(c.post("/v1/embeddings", json={"model": "tiny", "input": f"metric probe {i}"}) for i in range(24))
+            )
+
+    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    assert client.post("/v1/embeddings", json={"model": "nope", "input": "x"}).status_code == 404
+
+    deadline = time.monotonic() + 60
+    while True:  # Ray exports on an interval: wait for the condition, not a fixed time
+        text = scrape(service)
+        batches = series(text, "ray_loraserve_batch_size_rows_count", model="tiny")
+        ok = series(text, "ray_loraserve_requests_total", route="embeddings", model="tiny", status="200")
+        errors = series(text, "ray_loraserve_request_errors_total", code="model_not_found")
+        if (ok >= 24 and errors >= 1 and batches >= 1) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert ok >= 24 and errors >= 1
+    # Ray exports a histogram's count and buckets exactly (its _sum is approximate): batches
+    # of more than 4 rows exist, and fewer forward passes ran than requests were served.
+    big = series(text, "ray_loraserve_batch_size_rows_bucket", model="tiny", le="8.0") - series(
+        text, "ray_loraserve_batch_size_rows_bucket", model="tiny", le="4.0")
+    assert big >= 1 and 1 <= batches < ok, (big, batches, ok)
+    assert series(text, "ray_loraserve_requests_total", model="unknown", status="404") >= 1
+    assert series(text, "ray_loraserve_input_tokens_total", model="tiny", variant="torch") > 24 * 3
+    for name in ("ray_loraserve_queue_latency_ms_count", "ray_loraserve_inference_latency_ms_count",
+                 "ray_loraserve_request_latency_ms_count"):
+        assert series(text, name) > 0, name
+    assert re.search(r'ray_loraserve_batch_size_rows_bucket\{[^}]*le="32\.0"', text)
