@@ -8,6 +8,7 @@ same result.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 from models.errors import InputTooLong, InvalidRequest
@@ -16,7 +17,13 @@ Input = str | Sequence[int]
 
 
 class InputEncoder:
-    """Wraps a Hugging Face fast tokenizer with the service's limits."""
+    """Wraps a Hugging Face fast tokenizer with the service's limits.
+
+    Texts go straight to the Rust ``tokenizers`` backend without special tokens, then get the
+    model's special tokens from ``build_inputs_with_special_tokens``: the same ids as
+    ``tokenizer(text, truncation=...)`` (tested), at a fraction of the Python overhead, which
+    matters because this runs on the replica's event loop for every request.
+    """
 
     def __init__(self, tokenizer, max_tokens: int):
         self.tokenizer = tokenizer
@@ -24,6 +31,9 @@ class InputEncoder:
         self.vocab_size = len(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._n_special = len(tokenizer.build_inputs_with_special_tokens([]))
+        self._rust = copy.deepcopy(tokenizer.backend_tokenizer)
+        self._rust.no_truncation()
+        self._rust.no_padding()
 
     def encode(self, inputs: Sequence[Input], *, truncate: bool = False) -> list[list[int]]:
         """Token ids with special tokens, one list per input; raises on invalid or long input."""
@@ -32,15 +42,8 @@ class InputEncoder:
         if texts:
             for i, text in texts:
                 _check_text(text, i)
-            enc = self.tokenizer(
-                [t for _, t in texts],
-                add_special_tokens=True,
-                truncation=truncate,
-                max_length=self.max_tokens if truncate else None,
-                verbose=False,
-            )["input_ids"]
-            for (i, _), ids in zip(texts, enc):
-                out[i] = ids
+            for i, text in texts:  # encode, not encode_batch: no rayon threads on the hot path
+                out[i] = self._with_specials(self._rust.encode(text, add_special_tokens=False).ids, truncate)
         for i, x in enumerate(inputs):
             if out[i] is None:
                 out[i] = self._from_ids(x, i, truncate)
@@ -63,7 +66,9 @@ class InputEncoder:
                     f"[0, {self.vocab_size})",
                     param="input",
                 )
-        body = list(ids)
+        return self._with_specials(list(ids), truncate)
+
+    def _with_specials(self, body: list[int], truncate: bool) -> list[int]:
         if truncate:
             body = body[: max(self.max_tokens - self._n_special, 0)]
         return self.tokenizer.build_inputs_with_special_tokens(body)

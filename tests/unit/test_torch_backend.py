@@ -108,3 +108,14 @@ def test_minilm_matches_sentence_transformers(minilm):
     cos = (ref * ours).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(ours, axis=1)
     assert minilm.encoder.max_tokens == st.max_seq_length == 256
     assert cos.min() >= 0.9999, cos
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Hello, world!", "naïve café — ünïcödé 漢字 🙂", "   spaces   everywhere  ", "word " * 300, "x"],
+)
+def test_fast_path_tokenization_equals_the_tokenizer(minilm, text):
+    tok = minilm.encoder.tokenizer
+    assert minilm.encode([text], truncate=True)[0] == tok(text, truncation=True, max_length=256)["input_ids"]
+    if len(tok(text)["input_ids"]) <= 256:
+        assert minilm.encode([text])[0] == tok(text)["input_ids"]
