@@ -1,0 +1,74 @@
+"""`loraserve up` (what `make up` runs): serves, prints its URLs, and Ctrl-C leaves nothing behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from tests.integration.conftest import service_config
+
+
+def _processes_mentioning(fragment: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fragment in cmd:
+            found.append(f"{proc.name}: {cmd[:120]}")
+    return found
+
+
+def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
+    config = service_config(tiny_models)
+    args = config["applications"][0]["args"]
+    args["models"] = [m for m in args["models"] if m["id"] == "tiny"]
+    path = tmp_path / "up.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = config["http_options"]["port"]
+    log = open(tmp_path / "up.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.cli", "up", "--config", str(path)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "loraserve up exited early"
+            assert time.monotonic() < deadline, "service never became healthy"
+            time.sleep(1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "tiny", "input": "up"})
+        assert r.status_code == 200
+        log.seek(0)
+        printed = log.read()
+        assert f"http://127.0.0.1:{port}/v1" in printed
+        assert f"http://127.0.0.1:{args['metrics']['export_port']}/metrics" in printed
+        # the HAProxy of this run is identified by its per-run folder in the command line
+        haproxy = [p for p in _processes_mentioning("haproxy.cfg") if "loraserve-" in p]
+        run_dirs = {p.split("/tmp/")[1].split("/")[0] for p in haproxy if "/tmp/" in p}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=90)
+    assert rc == 0
+    leftovers = [p for d in run_dirs for p in _processes_mentioning(d)]
+    assert leftovers == []
+    session = [p for p in _processes_mentioning("ray") if str(proc.pid) in p]
+    assert session == []
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        still_up = True
+    except httpx.HTTPError:
+        still_up = False
+    assert not still_up, "port still answers after Ctrl-C"
