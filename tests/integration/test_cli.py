@@ -25,6 +25,19 @@ def _processes_mentioning(fragment: str) -> list[str]:
     return found
 
 
+def _session_of_children(pid: int) -> str | None:
+    """The Ray session folder name of the Ray that process ``pid`` started (its children)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and "session_" in cmd:
+            return "session_" + cmd.split("session_", 1)[1].split("/")[0].split()[0]
+    return None
+
+
 def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
     config = service_config(tiny_models)
     args = config["applications"][0]["args"]
@@ -32,6 +45,7 @@ def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
     path = tmp_path / "up.yaml"
     path.write_text(yaml.safe_dump(config))
     port = config["http_options"]["port"]
+    haproxies_before = set(_processes_mentioning("haproxy.cfg"))
     log = open(tmp_path / "up.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "up", "--config", str(path)],
@@ -59,23 +73,24 @@ def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
             time.sleep(0.5)
         assert f"http://127.0.0.1:{port}/v1" in printed
         assert f"http://127.0.0.1:{args['metrics']['export_port']}/metrics" in printed
-        # the HAProxy of this run is identified by its per-run folder in the command line
-        haproxy = [p for p in _processes_mentioning("haproxy.cfg") if "loraserve-" in p]
-        run_dirs = {p.split("/tmp/")[1].split("/")[0] for p in haproxy if "/tmp/" in p}
+        # this run's HAProxy (new since the start) and Ray session (its children's folder)
+        ours = set(_processes_mentioning("haproxy.cfg")) - haproxies_before
+        run_dirs = {p.split("/tmp/")[1].split("/")[0] for p in ours if "/tmp/" in p}
+        session = _session_of_children(proc.pid)
+        assert run_dirs and session, (run_dirs, session)
     finally:
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=90)
     assert rc == 0
-    # Ray names its session folder after the driver's pid: `session_<date>_<time>_<pid>/`.
-    # Its processes get SIGTERM on shutdown and may take a moment to exit: wait for that.
+    # Ray's processes get SIGTERM on shutdown and may take a moment to exit: wait for that.
     deadline = time.monotonic() + 30
     while True:
         leftovers = [p for d in run_dirs for p in _processes_mentioning(d)]
-        leftovers += _processes_mentioning(f"_{proc.pid}/")
+        leftovers += _processes_mentioning(session)
         if not leftovers or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert leftovers == []
+    assert leftovers == [], "\n".join(leftovers)
     try:
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
         still_up = True
