@@ -56,6 +56,7 @@ class AdapterCheck:
     path: Path
     rank: int
     alpha: float
+    use_rslora: bool
     task_type: str | None
     target_modules: tuple[str, ...]
     modules_to_save: tuple[str, ...]
@@ -211,6 +212,7 @@ def validate_adapter(
         path=directory,
         rank=rank,
         alpha=float(cfg.get("lora_alpha", rank)),
+        use_rslora=bool(cfg.get("use_rslora", False)),
         task_type=task_type,
         target_modules=modules,
         modules_to_save=tuple(cfg.get("modules_to_save") or ()),

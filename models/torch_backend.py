@@ -1,7 +1,9 @@
-"""PyTorch implementation of ``Backend`` for encoder tasks (embed, classify).
+"""PyTorch implementation of ``Backend`` for encoder tasks (embed, classify), with LoRA adapters.
 
 Embeddings are computed exactly as sentence-transformers computes them for its mean-pooling
-models: token embeddings averaged over the attention mask, then L2-normalized.
+models: token embeddings averaged over the attention mask, then L2-normalized. Classification
+applies the head over the pooled output as ``BertForSequenceClassification`` does. Adapters
+(``models.lora_torch``) may differ per row of one batch; a row's output is then its adapter's.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from models.adapters import AdapterCheck
 from models.backend import Backend, max_input_tokens
 from models.errors import ModelLoadError, TaskNotSupported
+from models.lora_torch import Head, LoraEncoder
 from models.tokenization import InputEncoder
 
 
@@ -28,39 +32,74 @@ class TorchBackend(Backend):
             config = AutoConfig.from_pretrained(self.path, **kw)
             tokenizer = AutoTokenizer.from_pretrained(self.path, use_fast=True, **kw)
             if self.spec.task == "embed":
-                model = AutoModel.from_pretrained(self.path, use_safetensors=True, **kw)
+                encoder = AutoModel.from_pretrained(self.path, use_safetensors=True, **kw)
                 self.dimensions = int(config.hidden_size)
+                self.base_head = None
             elif self.spec.task == "classify":
                 model = AutoModelForSequenceClassification.from_pretrained(
                     self.path, use_safetensors=True, **kw
                 )
                 self.labels = tuple(config.id2label[i] for i in range(config.num_labels))
+                encoder = model.base_model  # the encoder; the head is applied per row below
+                self.base_head = Head(model.classifier.weight.detach(), model.classifier.bias.detach(), self.labels)
             else:
                 raise TaskNotSupported(f"the torch encoder backend does not serve {self.spec.task!r}")
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise ModelLoadError(f"cannot load model {self.spec.id!r} from {self.path}: {exc}") from exc
-        self.model = model.eval()
+        self.lora = LoraEncoder(encoder.eval())
         self.encoder = InputEncoder(tokenizer, max_input_tokens(self.spec, self.path, tokenizer, config))
 
+    def add_adapter(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...] = ()) -> None:
+        self.lora.add(name, check, task, labels)
+
+    def remove_adapter(self, name: str) -> None:
+        self.lora.remove(name)
+
     @torch.inference_mode()
-    def predict(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+    def predict(
+        self, rows: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None
+    ) -> np.ndarray | list[np.ndarray]:
         ids, mask = _pad(rows, self.encoder.pad_id)  # [batch, seq] each
-        if self.spec.task == "classify":
-            logits = self.model(input_ids=ids, attention_mask=mask).logits  # [batch, labels]
-            return torch.softmax(logits.float(), dim=-1).numpy()
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [b, s, h]
+        names = list(adapters) if adapters is not None else [None] * len(rows)
+        out = self.lora.forward(ids, mask, names)
+        # Which output each row gets: its adapter's task (or the base's), and which head.
+        kinds = [self._kind(a) for a in names]
+        if all(k == kinds[0] for k in kinds):  # uniform batch: one vectorized result
+            return self._outputs(kinds[0], out, mask, slice(None)).numpy()
+        result: list[np.ndarray | None] = [None] * len(rows)
+        for kind in set(kinds):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            values = self._outputs(kind, out, mask, torch.tensor(idx)).numpy()
+            for j, i in enumerate(idx):
+                result[i] = values[j]
+        return result
+
+    def _kind(self, adapter: str | None) -> tuple[str, str | None]:
+        if adapter is None:
+            return ("embed", None) if self.spec.task == "embed" else ("classify", None)
+        task = self.lora.tasks[adapter]
+        return (task, adapter if task == "classify" else None)
+
+    def _outputs(self, kind, out, mask, rows) -> torch.Tensor:
+        task, head_name = kind
+        if task == "classify":
+            head = self.base_head if head_name is None else self.lora.heads[head_name]
+            pooled = out.pooler_output[rows]  # [rows, hidden]
+            logits = pooled.float() @ head.weight.T + head.bias  # [rows, labels]
+            return torch.softmax(logits, dim=-1)
+        hidden = out.last_hidden_state[rows]  # [rows, seq, hidden]
         if self.spec.pooling == "cls":
             pooled = hidden[:, 0]
         else:
-            m = mask.unsqueeze(-1).to(hidden.dtype)  # [batch, seq, 1]
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # [batch, hidden]
+            m = mask[rows].unsqueeze(-1).to(hidden.dtype)  # [rows, seq, 1]
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # [rows, hidden]
         if self.spec.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.float().numpy()
+        return pooled.float()
 
     def close(self) -> None:
         super().close()
-        self.model = None
+        self.lora = None
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

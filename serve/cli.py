@@ -22,7 +22,10 @@ def _up(args: argparse.Namespace) -> int:
     def _terminate(signum, frame):
         raise KeyboardInterrupt
 
+    # Install both explicitly: a process started in the background inherits SIGINT *ignored*,
+    # and Ctrl-C must stop everything wherever `loraserve up` was started from.
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     print(f"starting Ray and deploying {args.config} ...", flush=True)
     service = launcher.LocalService(config)
     try:

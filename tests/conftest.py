@@ -22,3 +22,30 @@ def tiny_models(tmp_path_factory):
         "embed": build_tiny_bert(root / "tiny-embed", task="embed", seed=1),
         "classify": build_tiny_bert(root / "tiny-cls", task="classify", labels=TOPIC_LABELS, seed=2),
     }
+
+
+def make_adapter(base_dir, dest, *, task: str, rank: int = 4, seed: int = 0, targets=("query", "value")):
+    """A real peft LoRA adapter on a tiny base, saved with ``save_pretrained`` (safetensors).
+
+    peft initializes ``lora_B`` to zeros (a no-op adapter); the matrices are randomized with a
+    seed so an adapter visibly changes outputs and cross-talk between adapters would show.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    if task == "classify":
+        model = AutoModelForSequenceClassification.from_pretrained(base_dir)
+        task_type = "SEQ_CLS"
+    else:
+        model = AutoModel.from_pretrained(base_dir)
+        task_type = "FEATURE_EXTRACTION"
+    cfg = LoraConfig(task_type=task_type, r=rank, lora_alpha=2 * rank, target_modules=list(targets))
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.2)
+    peft_model.save_pretrained(dest, safe_serialization=True)
+    return dest

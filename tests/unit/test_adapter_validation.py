@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_adapter
 from models.adapters import (
     InvalidAdapter,
     WEIGHTS_FILE,
@@ -19,30 +20,14 @@ from models.adapters import (
 )
 
 
-def _make_adapter(base_dir: Path, dest: Path, *, task: str, rank: int = 4, seed: int = 0) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    if task == "classify":
-        model = AutoModelForSequenceClassification.from_pretrained(base_dir)
-        cfg = LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=8, target_modules=["query", "value"])
-    else:
-        model = AutoModel.from_pretrained(base_dir)
-        cfg = LoraConfig(task_type="FEATURE_EXTRACTION", r=rank, lora_alpha=8, target_modules=["query", "value"])
-    get_peft_model(model, cfg).save_pretrained(dest, safe_serialization=True)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def store(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter-store")
-    _make_adapter(tiny_models["classify"], root / "topics-lora", task="classify")
-    _make_adapter(tiny_models["embed"], root / "embed-lora", task="embed")
+    make_adapter(tiny_models["classify"], root / "topics-lora", task="classify")
+    make_adapter(tiny_models["embed"], root / "embed-lora", task="embed")
     # a classifier adapter trained on the embedder's weights (prefix `bert.` vs none)
-    _make_adapter(tiny_models["embed"], root / "cls-on-embed-base", task="classify")
-    _make_adapter(tiny_models["classify"], root / "rank16", task="classify", rank=16)
+    make_adapter(tiny_models["embed"], root / "cls-on-embed-base", task="classify")
+    make_adapter(tiny_models["classify"], root / "rank16", task="classify", rank=16)
     return root
 
 

@@ -1,0 +1,134 @@
+"""LoRA adapters on a served torch encoder: hot add/remove and per-row adapters in one pass.
+
+The served encoder (``BertModel``-shaped: ``last_hidden_state`` + ``pooler_output``) is wrapped
+in one ``PeftModel`` the first time an adapter arrives. Each adapter's LoRA matrices are loaded
+from its safetensors (names mapped onto the served module tree, so an adapter trained on
+``BertForSequenceClassification`` -- ``bert.encoder...`` -- fits a ``BertModel`` checkpoint), and
+its classification head (peft's ``modules_to_save``) is kept here as a plain ``Linear`` over the
+pooled output, exactly as ``BertForSequenceClassification`` applies it.
+
+One forward pass serves rows of different adapters and of the bare base: peft's
+``adapter_names`` (``"__base__"`` for the base) selects each row's LoRA path inside every layer;
+then each row gets its own output: pooled embedding, or its adapter's head and a softmax. Heads
+of different widths are why ``predict`` returns one array per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from models.adapters import WEIGHTS_FILE, AdapterCheck, InvalidAdapter
+
+BASE = "__base__"
+
+
+@dataclass
+class Head:
+    """A classification head over the pooled output: ``probs = softmax(W @ pooled + b)``."""
+
+    weight: torch.Tensor  # [labels, hidden]
+    bias: torch.Tensor  # [labels]
+    labels: tuple[str, ...]
+
+
+def split_state(check: AdapterCheck, module_names: set[str]) -> tuple[dict, dict]:
+    """Adapter tensors -> (LoRA state in peft's saved naming for the served model, head tensors)."""
+    lora, head = {}, {}
+    for key, tensor in load_file(check.path / WEIGHTS_FILE).items():
+        key = key.removeprefix("base_model.model.")
+        if ".lora_A." in key or ".lora_B." in key:
+            marker = ".lora_A." if ".lora_A." in key else ".lora_B."
+            module, rest = key.split(marker)
+            lora[f"base_model.model.{_served_name(module, module_names)}{marker}{rest}"] = tensor
+        else:
+            head[key.replace(".modules_to_save.default", "")] = tensor
+    return lora, head
+
+
+def _served_name(module: str, module_names: set[str]) -> str:
+    parts = module.split(".")
+    for i in range(len(parts)):
+        name = ".".join(parts[i:])
+        if name in module_names:
+            return name
+    raise InvalidAdapter(f"target module {module!r} does not exist in the served model", param="lora_path")
+
+
+def classifier_head(head_tensors: dict, labels: tuple[str, ...]) -> Head:
+    weight = next((v for k, v in head_tensors.items() if k.endswith("classifier.weight")), None)
+    bias = next((v for k, v in head_tensors.items() if k.endswith("classifier.bias")), None)
+    if weight is None or bias is None or weight.dim() != 2:
+        raise InvalidAdapter("classification adapter has no classifier head weights", param="lora_path")
+    if not labels:
+        labels = tuple(f"LABEL_{i}" for i in range(weight.shape[0]))
+    if len(labels) != weight.shape[0]:
+        raise InvalidAdapter(
+            f"adapter names {len(labels)} labels but its head has {weight.shape[0]} outputs",
+            param="lora_path",
+        )
+    return Head(weight.float(), bias.float(), labels)
+
+
+class LoraEncoder:
+    """The served encoder plus its loaded adapters."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        self.encoder = encoder  # the plain model until the first adapter arrives
+        self.peft = None
+        self._modules = {name for name, _ in encoder.named_modules()}
+        self.heads: dict[str, Head] = {}
+        self.tasks: dict[str, str] = {}
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.peft if self.peft is not None else self.encoder
+
+    def add(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...] = ()) -> None:
+        if name == BASE or name in self.tasks:
+            raise InvalidAdapter(f"adapter name {name!r} is already loaded here", param="lora_name")
+        lora, head = split_state(check, self._modules)
+        targets = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in lora})
+        cfg = LoraConfig(
+            r=check.rank,
+            lora_alpha=check.alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            use_rslora=check.use_rslora,
+            inference_mode=True,
+        )
+        new_head = classifier_head(head, labels) if task == "classify" else None
+        if self.peft is None:
+            self.peft = get_peft_model(self.encoder, cfg, adapter_name=name)
+        else:
+            self.peft.add_adapter(name, cfg)
+        result = set_peft_model_state_dict(self.peft, lora, adapter_name=name)
+        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+        if missing:
+            self.peft.delete_adapter(name)
+            raise InvalidAdapter(f"adapter {name!r} lacks weights for {missing[:3]}", param="lora_path")
+        self.peft.eval()
+        self.tasks[name] = task
+        if new_head is not None:
+            self.heads[name] = new_head
+
+    def remove(self, name: str) -> None:
+        if name not in self.tasks:
+            return
+        self.tasks.pop(name)
+        self.heads.pop(name, None)
+        if self.tasks:
+            self.peft.delete_adapter(name)
+        else:  # the last one: take the LoRA layers out again, back to the plain encoder
+            self.encoder = self.peft.unload()
+            self.peft = None
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list[str | None]):
+        """One pass; returns the encoder output (``last_hidden_state``, ``pooler_output``)."""
+        if self.peft is None:
+            return self.encoder(input_ids=ids, attention_mask=mask)
+        names = [a if a is not None else BASE for a in adapters]
+        return self.peft(input_ids=ids, attention_mask=mask, adapter_names=names)
