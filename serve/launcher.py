@@ -84,6 +84,7 @@ class LocalService:
         self.num_cpus = num_cpus
         self.run_dir = Path(tempfile.mkdtemp(prefix="loraserve-"))
         self._saved_env: dict[str, str | None] = {}
+        self.session: str | None = None
 
     def start(self, timeout_s: float = 300.0) -> "LocalService":
         import ray
@@ -99,6 +100,7 @@ class LocalService:
             _metrics_export_port=self.settings.metrics.export_port,
             logging_level="warning",
         )
+        self.session = ray._private.worker._global_node.session_name  # e.g. session_<date>_<pid>
         deploy(self.config, timeout_s)
         return self
 
@@ -111,7 +113,10 @@ class LocalService:
                 serve.shutdown()
         finally:
             ray.shutdown()
-            _kill_matching(str(self.run_dir))
+            # Ray's processes get SIGTERM and usually exit at once; under load some linger for
+            # tens of seconds. Give them a grace period, then make sure: nothing is left behind.
+            for fragment in filter(None, (self.session, str(self.run_dir))):
+                _reap(fragment, grace_s=10.0)
             shutil.rmtree(self.run_dir, ignore_errors=True)
             for key, value in self._saved_env.items():
                 if value is None:
@@ -153,15 +158,26 @@ def deploy(config: dict, timeout_s: float = 300.0) -> None:
         time.sleep(0.5)
 
 
-def _kill_matching(fragment: str) -> None:
-    """Kill processes whose command line contains ``fragment`` (the per-run HAProxy)."""
+def _matching(fragment: str) -> list[int]:
+    """Pids (not ours) whose command line contains ``fragment``; empty where /proc is absent."""
+    pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if fragment in cmdline and int(proc.name) != os.getpid():
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            pids.append(int(proc.name))
+    return pids
+
+
+def _reap(fragment: str, grace_s: float) -> None:
+    """Wait up to ``grace_s`` for matching processes to exit, then SIGKILL the rest."""
+    deadline = time.monotonic() + grace_s
+    while _matching(fragment) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in _matching(fragment):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
