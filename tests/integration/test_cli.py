@@ -1,6 +1,7 @@
 """`loraserve up` (what `make up` runs): serves, prints its URLs, and Ctrl-C leaves nothing behind."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
         assert f"http://127.0.0.1:{args['metrics']['export_port']}/metrics" in printed
         # this run's HAProxy (new since the start) and Ray session (its children's folder)
         ours = set(_processes_mentioning("haproxy.cfg")) - haproxies_before
-        run_dirs = {p.split("/tmp/")[1].split("/")[0] for p in ours if "/tmp/" in p}
+        run_dirs = {m.group(1) for p in ours if (m := re.search(r"(loraserve-[^/\s]+)/", p))}
         session = _session_of_children(proc.pid)
         assert run_dirs and session, (run_dirs, session)
     finally:
