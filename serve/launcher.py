@@ -113,8 +113,8 @@ class LocalService:
                 serve.shutdown()
         finally:
             ray.shutdown()
-            # Ray's processes get SIGTERM and usually exit at once; under load some linger for
-            # tens of seconds. Give them a grace period, then make sure: nothing is left behind.
+            # Ray's processes get SIGTERM from ray.shutdown(); should any outlive it (HAProxy
+            # did once), a grace period and then SIGKILL make sure nothing is left behind.
             for fragment in filter(None, (self.session, str(self.run_dir))):
                 _reap(fragment, grace_s=10.0)
             shutil.rmtree(self.run_dir, ignore_errors=True)
