@@ -1,7 +1,9 @@
-"""Command line: ``loraserve up`` starts the service from a Serve config file.
+"""Command line.
 
-Usage: ``loraserve up [--config deploy/local.yaml]``. Ctrl-C (or SIGTERM) shuts Serve and Ray
-down; no Ray process is left behind.
+- ``loraserve up [--config deploy/local.yaml]``: start the service from a Serve config file;
+  Ctrl-C (or SIGTERM) shuts Serve and Ray down, and no Ray process is left behind.
+- ``loraserve train --train data.jsonl --out adapters/NAME [...]``: fine-tune a LoRA
+  classification adapter (``models.finetune``; ``loraserve train --help`` lists the options).
 """
 
 from __future__ import annotations
@@ -47,11 +49,17 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # its own parser lives with the training code (Ray-free)
+        from models.finetune import main as train_main
+
+        return train_main(argv[1:], prog="loraserve train")
     parser = argparse.ArgumentParser(prog="loraserve")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start Ray locally and serve a Serve config file")
     up.add_argument("--config", default=launcher.DEFAULT_CONFIG)
     up.set_defaults(func=_up)
+    sub.add_parser("train", help="fine-tune a LoRA adapter (see `loraserve train --help`)")
     args = parser.parse_args(argv)
     return args.func(args)
 
