@@ -111,7 +111,21 @@ def run_ceiling(args, notes: list[str]) -> list[tuple[str, LoadResult]]:
         return []
     for r in results:
         _progress(f"in-process batch={r.concurrency}: {r.rps:.1f} sentences/s, p50 {r.p50_ms:.1f} ms")
-    return [("in-process (batch = c)", r) for r in results]
+    rows = [("in-process (batch = c)", r) for r in results]
+    # What one sentence costs a single replica: the model alone at the config's thread count.
+    from serve.launcher import app_args, load_config
+    from serve.settings import AppSettings
+
+    threads = AppSettings.model_validate(app_args(load_config(args.config))).models[0].torch_threads
+    if threads and threads < (os.cpu_count() or 1):
+        try:
+            one = ceiling.measure_in_process(
+                args.config, args.sentence, [1], args.warmup, args.duration, args.wait_quiet, threads
+            )
+            rows += [(f"in-process, {threads} thread (a replica's)", r) for r in one]
+        except Exception as exc:
+            notes.append(f"in-process {threads}-thread FAILED: {type(exc).__name__}: {exc}")
+    return rows
 
 
 def run_server(server: ManagedServer, path: str, body: bytes, args, notes: list[str]):

@@ -25,7 +25,7 @@ from httpload import LoadResult, percentile
 
 def measure(config: str, sentence: str, batch_sizes: list[int], warmup_s: float,
             duration_s: float, root_pid: int | None = None, quiet_s: float = 0.0,
-            say=print) -> list[LoadResult]:
+            say=print, threads: int | None = None) -> list[LoadResult]:
     """Blocking; loads the model in this process. ``root_pid``: the benchmark's process, whose
     descendants do not count as other load (default: this process); before each batch size,
     wait up to ``quiet_s`` for the rest of the machine to go idle."""
@@ -39,7 +39,7 @@ def measure(config: str, sentence: str, batch_sizes: list[int], warmup_s: float,
     spec = settings.models[0]
     backend = create_backend(spec, spec.default_variant)
     backend.load()  # applies spec.torch_threads
-    torch.set_num_threads(os.cpu_count() or 1)  # the ceiling uses every core
+    torch.set_num_threads(threads or os.cpu_count() or 1)  # the ceiling uses every core
     results = []
     try:
         for n in batch_sizes:
@@ -82,11 +82,12 @@ def _loop(backend, texts: list[str], seconds: float) -> tuple[list[float], float
 
 
 def measure_in_process(config: str, sentence: str, batch_sizes: list[int], warmup_s: float,
-                       duration_s: float, quiet_s: float = 0.0) -> list[LoadResult]:
+                       duration_s: float, quiet_s: float = 0.0,
+                       threads: int | None = None) -> list[LoadResult]:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         job = pool.submit(measure, config, sentence, batch_sizes, warmup_s, duration_s,
-                          os.getpid(), quiet_s, _say)
+                          os.getpid(), quiet_s, _say, threads)
         return job.result()
 
 

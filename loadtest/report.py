@@ -120,6 +120,13 @@ def ratios(rows: list[Row], top: int) -> str:
         f"{ratio(service, ceiling)}"
     )
     lines.append(f"- service p50 at c1: {_fmt(c1.p50_ms, 2) + ' ms' if c1 else 'n/a'}")
+    alone = _find(rows, "in-process,", 1)
+    if alone:
+        lines.append(
+            f"- one sentence through the model alone at a replica's thread count: p50 "
+            f"{_fmt(alone.p50_ms, 2)} ms (the floor under the service's c1 p50; the rest is "
+            "HAProxy, the replica's HTTP handling and the batcher hand-off)"
+        )
     return "\n".join(lines)
 
 
