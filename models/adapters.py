@@ -24,14 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from models.errors import InvalidRequest, ModelLoadError
+from models.errors import Conflict, InvalidRequest, ModelLoadError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "loraserve_card.json"  # written by models.finetune; holds the label names
 FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py", ".pyc")
 MAX_HEADER_BYTES = 100_000_000
 # peft task types per serving task
 TASK_TYPES = {"classify": {"SEQ_CLS"}, "embed": {"FEATURE_EXTRACTION", None}}
+# What an adapter on an encoder base serves, by its peft task type.
+ENCODER_ADAPTER_TASKS = {"SEQ_CLS": "classify", "FEATURE_EXTRACTION": "embed", None: "embed"}
+NAME_MAX = 64
 
 
 class InvalidAdapter(InvalidRequest):
@@ -40,13 +44,48 @@ class InvalidAdapter(InvalidRequest):
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """Immutable identity of one adapter. Equality and hash are by name and content."""
+    """Immutable identity of one registered adapter: what the registry stores and persists,
+    what a request resolves to, and what a replica needs to load it (it re-validates the
+    files and refuses them if their content no longer matches ``sha256``)."""
 
     name: str
-    base: str
-    path: str
+    base: str  # catalog id of the base model
+    path: str  # absolute, resolved, inside a store root
     rank: int
-    sha256: str
+    sha256: str  # of adapter_model.safetensors
+    task: str  # what it serves: `embed` or `classify`
+    labels: tuple[str, ...] = ()
+    size_bytes: int = 0
+    pinned: bool = False  # never evicted from a replica's LRU; loaded at replica start
+    origin: str = "runtime"  # `config` (declared in deploy/*.yaml) or `runtime` (admin API)
+    created: int = 0
+
+    @property
+    def key(self) -> str:
+        """Name of the loaded copy inside a backend: a replaced adapter (same name, new
+        content) loads beside the old copy, which in-flight batches may still be using."""
+        return f"{self.name}#{self.sha256[:12]}"
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "labels": list(self.labels)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdapterRef":
+        return cls(**{**d, "labels": tuple(d.get("labels") or ())})
+
+
+def check_adapter_name(name: str, taken_by_bases: set[str]) -> str:
+    """Adapter names appear in the ``model`` string: no ``:``, ``@`` or ``/``, and no clash
+    with a base model's names."""
+    if not isinstance(name, str) or not name or len(name) > NAME_MAX:
+        raise InvalidAdapter(f"adapter name must be 1..{NAME_MAX} characters", param="lora_name")
+    if not (name[0].isalnum() and all(c.isalnum() or c in "._-" for c in name) and name.isascii()):
+        raise InvalidAdapter(
+            f"adapter name {name!r} must match [A-Za-z0-9][A-Za-z0-9._-]*", param="lora_name"
+        )
+    if name in taken_by_bases:
+        raise Conflict(f"{name!r} is the name of a base model", param="lora_name")
+    return name
 
 
 @dataclass(frozen=True)
@@ -62,6 +101,9 @@ class AdapterCheck:
     modules_to_save: tuple[str, ...]
     sha256: str
     size_bytes: int
+    task: str = "embed"  # what the adapter serves (from its peft task type)
+    labels: tuple[str, ...] = ()  # classify adapters: label names in id order
+    base_model: str | None = None  # adapter_config's base_model_name_or_path (informational)
 
 
 def resolve_in_store(raw: str, roots: list[Path]) -> Path:
@@ -189,10 +231,14 @@ def validate_adapter(
     roots: list[Path],
     *,
     base_shapes: dict[str, list[int]],
-    task: str,
+    task: str | None = None,
     max_rank: int,
+    base_task: str = "embed",
 ) -> AdapterCheck:
-    """All checks of the module docstring, cheapest first. Raises ``InvalidAdapter``."""
+    """All checks of the module docstring, cheapest first. Raises ``InvalidAdapter``.
+
+    ``task`` is the task the adapter must serve; ``None`` infers it from the peft task type
+    for a base serving ``base_task`` (``adapter_task``)."""
     directory = resolve_in_store(raw_path, roots)
     check_files(directory)
     cfg = read_config(directory)
@@ -202,12 +248,15 @@ def validate_adapter(
     if rank > max_rank:
         raise InvalidAdapter(f"adapter rank {rank} exceeds this base's limit of {max_rank}", param="lora_path")
     task_type = cfg.get("task_type")
-    if task_type not in TASK_TYPES.get(task, set()):
+    if task is None:
+        task = adapter_task(task_type, base_task)
+    elif task_type not in TASK_TYPES.get(task, set()):
         raise InvalidAdapter(
             f"adapter task_type {task_type!r} does not fit a base serving {task!r}", param="lora_path"
         )
     modules = check_weights(directory, base_shapes, rank)
     weights = directory / WEIGHTS_FILE
+    labels = check_head(directory, read_labels(directory)) if task == "classify" else ()
     return AdapterCheck(
         path=directory,
         rank=rank,
@@ -218,7 +267,64 @@ def validate_adapter(
         modules_to_save=tuple(cfg.get("modules_to_save") or ()),
         sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
         size_bytes=weights.stat().st_size,
+        task=task,
+        labels=labels,
+        base_model=cfg.get("base_model_name_or_path"),
     )
+
+
+def adapter_task(task_type: str | None, base_task: str) -> str:
+    """The task an adapter serves on a base, from its peft ``task_type``: on an encoder base
+    (embed or classify) ``SEQ_CLS`` classifies and ``FEATURE_EXTRACTION`` (or none) embeds."""
+    if base_task in ("embed", "classify") and task_type in ENCODER_ADAPTER_TASKS:
+        return ENCODER_ADAPTER_TASKS[task_type]
+    raise InvalidAdapter(
+        f"adapter task_type {task_type!r} does not fit a base serving {base_task!r}",
+        param="lora_path",
+    )
+
+
+def check_head(directory: Path, labels: tuple[str, ...]) -> tuple[str, ...]:
+    """A classification adapter carries its head (peft ``modules_to_save``); its width must
+    match the card's labels. Returns the labels (``LABEL_<i>`` when the card has none)."""
+    shapes = read_safetensors_header(directory / WEIGHTS_FILE)
+    weight = next((v for k, v in shapes.items() if k.endswith("classifier.weight")
+                   or k.endswith("classifier.modules_to_save.default.weight")), None)
+    if weight is None or len(weight) != 2 or not 2 <= weight[0] <= 1024:
+        raise InvalidAdapter(
+            "classification adapter has no classifier head (2..1024 outputs) in its weights",
+            param="lora_path",
+        )
+    if labels and len(labels) != weight[0]:
+        raise InvalidAdapter(
+            f"{CARD_FILE} names {len(labels)} labels but the head has {weight[0]} outputs",
+            param="lora_path",
+        )
+    return labels or tuple(f"LABEL_{i}" for i in range(weight[0]))
+
+
+def read_labels(directory: Path) -> tuple[str, ...]:
+    """Label names from the adapter's model card (``models.finetune`` writes it); without a
+    card the server names them ``LABEL_<i>``. The count is checked against the head later."""
+    card = directory / CARD_FILE
+    if not card.is_file():
+        return ()
+    try:
+        labels = json.loads(card.read_text()).get("labels")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InvalidAdapter(f"{CARD_FILE} is not valid JSON: {exc}", param="lora_path") from None
+    if labels is None:
+        return ()
+    if (
+        not isinstance(labels, list)
+        or not 2 <= len(labels) <= 1024
+        or not all(isinstance(x, str) and 0 < len(x) <= 128 for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise InvalidAdapter(
+            f"{CARD_FILE} labels must be 2..1024 distinct non-empty strings", param="lora_path"
+        )
+    return tuple(labels)
 
 
 def base_weight_shapes(model_dir: Path) -> dict[str, list[int]]:

@@ -65,6 +65,12 @@ class VariantNotFound(NotFound):
     code = "variant_not_found"
 
 
+class Conflict(ServiceError):
+    """A name is taken (an adapter name registered already, or a base model's name)."""
+
+    code = "conflict"
+
+
 class Overloaded(ServiceError):
     """The replica's queue is full: fail fast instead of queueing without bound."""
 

@@ -6,10 +6,15 @@ fit (``max_batch_size`` rows and ``max_batch_tokens`` of rows x padded length), 
 thread so the event loop keeps accepting requests. Rows that arrive during a forward pass form
 the next batch, so under load batches grow by themselves and at low load nobody waits.
 
-Rows of one request may ride in different batches; rows of different requests (later: different
-adapters) share one. Unlike Ray's ``@serve.batch`` with multiplexing, nothing splits a batch by
-model id. A full queue fails fast with ``Overloaded`` (503 + Retry-After). Cancelled requests'
-rows are dropped before they reach the backend.
+Rows of one request may ride in different batches; rows of different requests and of different
+adapters (each row carries its adapter's key, or None for the bare base) share one: the backend
+applies each row's adapter inside the one forward pass. Ray's ``@serve.batch`` with multiplexing
+splits batches by model id instead; ``split_by_adapter`` reproduces that for comparison
+(``loadtest/bench_adapters.py``). A full queue fails fast with ``Overloaded`` (503 +
+Retry-After). Cancelled requests' rows are dropped before they reach the backend.
+
+The executor's one thread is also where adapters are added to and removed from the backend
+(``call``), so those never run while a forward pass is using the model.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import numpy as np
 from models.errors import Overloaded
 from models.spec import BatchingSpec
 
-RunBatch = Callable[[Sequence[Sequence[int]]], np.ndarray]
+# run_batch(rows, adapters): adapters is None when every row is for the bare base.
+RunBatch = Callable[[Sequence[Sequence[int]], Sequence[str | None] | None], np.ndarray]
 
 
 @dataclass
@@ -34,12 +40,17 @@ class _Row:
     ids: Sequence[int]
     future: asyncio.Future
     first: bool  # first row of its request: the one whose queue wait is recorded
+    adapter: str | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
-    def __init__(self, run_batch: RunBatch, spec: BatchingSpec, observer=None, name: str = "batcher"):
+    def __init__(
+        self, run_batch: RunBatch, spec: BatchingSpec, observer=None, name: str = "batcher",
+        split_by_adapter: bool = False,
+    ):
         self._run = run_batch
+        self.split_by_adapter = split_by_adapter
         self.spec = spec
         self._observer = observer
         self._queue: collections.deque[_Row] = collections.deque()
@@ -55,7 +66,11 @@ class Batcher:
     def alive(self) -> bool:
         return self._worker is None or not self._worker.done()
 
-    async def submit(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+    async def call(self, fn: Callable, *args):
+        """Run ``fn(*args)`` on the model thread, between forward passes."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def submit(self, rows: Sequence[Sequence[int]], adapter: str | None = None) -> np.ndarray:
         """Queue the rows of one request; return their outputs stacked ``[len(rows), width]``."""
         if len(self._queue) + len(rows) > self.spec.max_queue_rows:
             raise Overloaded(
@@ -64,7 +79,7 @@ class Batcher:
             )
         self._ensure_worker()
         loop = asyncio.get_running_loop()
-        items = [_Row(ids, loop.create_future(), i == 0) for i, ids in enumerate(rows)]
+        items = [_Row(ids, loop.create_future(), i == 0, adapter) for i, ids in enumerate(rows)]
         self._queue.extend(items)
         self._wake.set()
         try:
@@ -81,6 +96,8 @@ class Batcher:
             self._worker = asyncio.get_running_loop().create_task(self._loop())
 
     def _take(self) -> list[_Row]:
+        if self.split_by_adapter:
+            return self._take_one_adapter()
         batch: list[_Row] = []
         longest = 0
         while self._queue and len(batch) < self.spec.max_batch_size:
@@ -93,6 +110,33 @@ class Batcher:
                 break
             longest = width
             batch.append(self._queue.popleft())
+        return batch
+
+    def _take_one_adapter(self) -> list[_Row]:
+        """Ray's multiplexed batching, for comparison: only rows of the oldest row's adapter."""
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+        if not self._queue:
+            return []
+        want = self._queue[0].adapter
+        batch: list[_Row] = []
+        rest: collections.deque[_Row] = collections.deque()
+        longest = 0
+        while self._queue:
+            row = self._queue.popleft()
+            width = max(longest, len(row.ids))
+            if (
+                row.future.done()
+                or row.adapter != want
+                or len(batch) >= self.spec.max_batch_size
+                or (batch and width * (len(batch) + 1) > self.spec.max_batch_tokens)
+            ):
+                if not row.future.done():
+                    rest.append(row)
+                continue
+            longest = width
+            batch.append(row)
+        self._queue = rest
         return batch
 
     async def _loop(self) -> None:
@@ -112,7 +156,12 @@ class Batcher:
                     if r.first:
                         self._observer.queued((start - r.enqueued) * 1000)
             try:
-                out = await loop.run_in_executor(self._executor, self._run, [r.ids for r in batch])
+                adapters = [r.adapter for r in batch]
+                if not any(adapters):
+                    adapters = None
+                out = await loop.run_in_executor(
+                    self._executor, self._run, [r.ids for r in batch], adapters
+                )
             except Exception as exc:  # the whole batch failed: each request learns why
                 for r in batch:
                     if not r.future.done():

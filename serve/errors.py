@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from models.errors import (
+    Conflict,
     InferenceTimeout,
     InvalidRequest,
     ModelLoadError,
@@ -40,10 +41,6 @@ class UnsupportedMediaType(ServiceError):
 
 class MethodNotAllowed(ServiceError):
     code = "method_not_allowed"
-
-
-class Conflict(ServiceError):
-    code = "conflict"
 
 
 class RateLimited(ServiceError):

@@ -15,18 +15,33 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from models.errors import InvalidRequest
-from serve.errors import PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from serve.errors import Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
 M = TypeVar("M", bound=BaseModel)
 
 
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 def check_api_key(request: Request, keys: frozenset[str]) -> None:
-    if not keys:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or token.strip() not in keys:
+    if keys and _bearer(request) not in keys:
         raise Unauthorized("missing or invalid API key (send `Authorization: Bearer <key>`)")
+
+
+def check_admin_key(request: Request, admin_keys: frozenset[str], api_keys: frozenset[str]) -> None:
+    """Admin routes: with admin keys configured, only they pass and an inference key gets
+    403; without admin keys, the inference key rule applies (local development)."""
+    if not admin_keys:
+        check_api_key(request, api_keys)
+        return
+    token = _bearer(request)
+    if token in admin_keys:
+        return
+    if token is not None and token in api_keys:
+        raise Forbidden("this key may call inference routes only; adapter routes need an admin key")
+    raise Unauthorized("missing or invalid admin key (send `Authorization: Bearer <admin key>`)")
 
 
 async def read_json(request: Request, max_bytes: int) -> object:

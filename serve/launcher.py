@@ -56,6 +56,8 @@ def ray_env(settings: AppSettings, run_dir: Path) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ing.direct_port_range[1]),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(ing.drain_s),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Relative adapter store and state paths mean the same thing in every Ray process.
+        "LORASERVE_HOME": os.environ.get("LORASERVE_HOME") or os.getcwd(),
     }
     if mode == "haproxy":
         env.update(
@@ -171,13 +173,18 @@ def _matching(fragment: str) -> list[int]:
     return pids
 
 
-def _reap(fragment: str, grace_s: float) -> None:
-    """Wait up to ``grace_s`` for matching processes to exit, then SIGKILL the rest."""
+def _reap(fragment: str, grace_s: float, settle_s: float = 2.0) -> None:
+    """Wait up to ``grace_s`` for matching processes to exit, then SIGKILL the rest; keep
+    watching for ``settle_s`` more, since an HAProxy reload racing the shutdown can spawn a
+    successor after the first sweep (seen under heavy load)."""
     deadline = time.monotonic() + grace_s
     while _matching(fragment) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for pid in _matching(fragment):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    quiet_until = time.monotonic() + settle_s
+    while time.monotonic() < quiet_until:
+        for pid in _matching(fragment):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)

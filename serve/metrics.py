@@ -8,15 +8,71 @@ request string.
 
 Latency is split as TEI splits it: queue (waiting for a batch slot) and inference (the forward
 pass of the batch the request rode in).
+
+Adapters: request metrics carry an ``adapter`` label (``none`` for the bare base) bounded by
+``AdapterLabels``: at most ``top_n`` adapters get their own label, the rest fold into ``other``.
+Adapter loads (by result), load latency, evictions and resident adapters are per replica.
 """
 
 from __future__ import annotations
 
+import collections
+import time
 from typing import Protocol
 
 LATENCY_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 UNKNOWN_MODEL = "unknown"
+NO_ADAPTER = "none"
+OTHER_ADAPTERS = "other"
+
+
+class AdapterLabels:
+    """Bounded label values for adapter names: the top-N adapters by recent requests.
+
+    Counts decay by half every ``window_s``; every window the labelled set is re-ranked (at most
+    ``top_n`` members; pinned names always included while they fit). A name that leaves the set
+    folds into ``other`` from then on. Over the process' life at most ``4 * top_n`` distinct
+    values are ever emitted (after that the set only shrinks), so Prometheus series stay bounded.
+    """
+
+    def __init__(self, top_n: int, window_s: float = 60.0, pinned: tuple[str, ...] = (), clock=time.monotonic):
+        self.top_n = top_n
+        self.window_s = window_s
+        self.clock = clock
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.pinned = tuple(pinned)[:top_n]
+        self.labelled: set[str] = set(self.pinned)
+        self.ever: set[str] = set(self.labelled)
+        self._next = clock() + window_s
+
+    def __call__(self, adapter: str | None) -> str:
+        if adapter is None:
+            return NO_ADAPTER
+        self.counts[adapter] += 1
+        now = self.clock()
+        if now >= self._next:
+            self._rerank(now)
+        elif adapter not in self.labelled and len(self.labelled) < self.top_n:
+            self._admit(adapter)
+        return adapter if adapter in self.labelled else OTHER_ADAPTERS
+
+    def _admit(self, name: str) -> bool:
+        if name in self.ever or len(self.ever) < 4 * self.top_n:
+            self.labelled.add(name)
+            self.ever.add(name)
+            return True
+        return False
+
+    def _rerank(self, now: float) -> None:
+        self._next = now + self.window_s
+        ranked = [n for n, _ in self.counts.most_common()]
+        self.labelled = set(self.pinned)
+        for name in ranked:
+            if len(self.labelled) >= self.top_n:
+                break
+            self._admit(name)
+        self.counts = collections.Counter({n: c // 2 for n, c in self.counts.items() if c > 1})
 
 
 class BatchObserver(Protocol):
@@ -30,13 +86,19 @@ class BatchObserver(Protocol):
 class ServiceMetrics:
     """Request-level metrics (recorded by the Router)."""
 
-    def __init__(self) -> None:
+    def __init__(self, adapter_labels: AdapterLabels | None = None) -> None:
         from ray.serve.metrics import Counter, Histogram
 
+        self.adapter_label = adapter_labels or AdapterLabels(20)
         self.requests = Counter(
             "loraserve_requests_total",
-            description="HTTP requests by route, model and status code.",
-            tag_keys=("route", "model", "status"),
+            description="HTTP requests by route, model (base id), adapter and status code.",
+            tag_keys=("route", "model", "adapter", "status"),
+        )
+        self.admin_calls = Counter(
+            "loraserve_admin_calls_total",
+            description="Adapter admin calls by action (load, unload, list) and result code.",
+            tag_keys=("action", "result"),
         )
         self.errors = Counter(
             "loraserve_request_errors_total",
@@ -47,12 +109,19 @@ class ServiceMetrics:
             "loraserve_request_latency_ms",
             description="End-to-end latency inside the ingress replica, in milliseconds.",
             boundaries=LATENCY_MS,
-            tag_keys=("route", "model"),
+            tag_keys=("route", "model", "adapter"),
         )
 
-    def request(self, route: str, model: str, status: int, latency_ms: float, code: str | None):
-        self.requests.inc(tags={"route": route, "model": model, "status": str(status)})
-        self.latency.observe(latency_ms, tags={"route": route, "model": model})
+    def admin(self, action: str, code: str | None) -> None:
+        self.admin_calls.inc(tags={"action": action, "result": code or "ok"})
+
+    def request(
+        self, route: str, model: str, status: int, latency_ms: float, code: str | None,
+        adapter: str | None = None,
+    ):
+        label = self.adapter_label(adapter)
+        self.requests.inc(tags={"route": route, "model": model, "adapter": label, "status": str(status)})
+        self.latency.observe(latency_ms, tags={"route": route, "model": model, "adapter": label})
         if code is not None:
             self.errors.inc(tags={"route": route, "code": code})
 
@@ -61,7 +130,7 @@ class ModelMetrics:
     """Per (model, variant) batcher metrics (recorded where the backend runs)."""
 
     def __init__(self, model: str, variant: str) -> None:
-        from ray.serve.metrics import Counter, Histogram
+        from ray.serve.metrics import Counter, Gauge, Histogram
 
         self.tags = {"model": model, "variant": variant}
         keys = ("model", "variant")
@@ -88,6 +157,39 @@ class ModelMetrics:
             description="Input tokens processed (including special tokens).",
             tag_keys=keys,
         )
+
+        self.adapter_loads = Counter(
+            "loraserve_adapter_loads_total",
+            description="Adapter loads into this replica by result (ok, error).",
+            tag_keys=keys + ("result",),
+        )
+        self.adapter_load_latency = Histogram(
+            "loraserve_adapter_load_latency_ms",
+            description="Time to make an adapter resident (validation + add), in ms.",
+            boundaries=LATENCY_MS,
+            tag_keys=keys,
+        )
+        self.adapter_evictions = Counter(
+            "loraserve_adapter_evictions_total",
+            description="Adapters evicted from this replica's LRU to make room.",
+            tag_keys=keys,
+        )
+        self.adapters_resident_gauge = Gauge(
+            "loraserve_adapters_resident",
+            description="Adapters resident in this replica (Ray adds the replica tag).",
+            tag_keys=keys,
+        )
+
+    def adapter_load(self, result: str, latency_ms: float) -> None:
+        self.adapter_loads.inc(tags={**self.tags, "result": result})
+        if result == "ok":
+            self.adapter_load_latency.observe(latency_ms, tags=self.tags)
+
+    def adapter_evicted(self) -> None:
+        self.adapter_evictions.inc(tags=self.tags)
+
+    def adapters_resident(self, count: int) -> None:
+        self.adapters_resident_gauge.set(count, tags=self.tags)
 
     def batch_done(self, rows: int, tokens: int, inference_ms: float) -> None:
         self.batch_size.observe(rows, tags=self.tags)

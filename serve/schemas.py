@@ -91,3 +91,26 @@ def classify_response(
         "data": data,
         "usage": usage(tokens),
     }
+
+
+class _AdminRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoadAdapterRequest(_AdminRequest):
+    """vLLM's body for ``POST /v1/load_lora_adapter``, plus ``replace`` and ``pinned``."""
+
+    lora_name: StrictStr = Field(description="The adapter's name in `model` strings.")
+    lora_path: StrictStr = Field(description="Directory inside an adapter store root.")
+    base_model_name: StrictStr | None = Field(
+        None, description="Base model (id or hub id); default: the adapter config's base."
+    )
+    replace: StrictBool = Field(False, description="Replace an adapter of the same name.")
+    pinned: StrictBool = Field(False, description="Never evict it from replicas' LRUs.")
+
+
+class UnloadAdapterRequest(_AdminRequest):
+    """vLLM's body for ``POST /v1/unload_lora_adapter``."""
+
+    lora_name: StrictStr
+    lora_int_id: StrictInt | None = Field(None, description="Accepted for vLLM compatibility; unused.")

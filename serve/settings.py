@@ -7,6 +7,7 @@ fields), so secrets need not sit in config files.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -99,6 +100,63 @@ class AuthSettings(_Strict):
         description="Name of an environment variable holding comma-separated inference API "
         "keys. Unset or empty: inference needs no key.",
     )
+    admin_keys_env: str | None = Field(
+        None,
+        description="Name of an environment variable holding comma-separated admin keys for the "
+        "adapter routes (load, unload, list). When set, those routes need an admin key and "
+        "inference keys get 403. Unset or empty: they follow the inference key rule (local use).",
+    )
+
+
+class ConfigAdapter(_Strict):
+    """An adapter declared in the config: registered at every start, pinned by default."""
+
+    name: str
+    base: str = Field(description="Catalog id of its base model.")
+    path: str = Field(description="Directory inside an adapter store root (relative or absolute).")
+    pinned: bool = Field(True, description="Never evicted; loaded when a replica starts.")
+
+
+class AdapterSettings(_Strict):
+    """LoRA adapter stores, the registry's persistence, and runtime updates."""
+
+    stores: tuple[str, ...] = Field(
+        ("adapters",),
+        description="Adapter store roots. Admin loads must name a directory inside one of them. "
+        "Relative paths are relative to $LORASERVE_HOME (default: the working directory of the "
+        "process that starts the application). The first root is created when missing.",
+    )
+    state_dir: str = Field(
+        ".loraserve/state",
+        description="Where the adapter registry persists (adapters registered at runtime survive "
+        "a restart). Relative like `stores`.",
+    )
+    preload: tuple[ConfigAdapter, ...] = Field((), description="Adapters registered at start.")
+    runtime_updates: bool = Field(
+        True, description="Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter."
+    )
+    sync_timeout_s: float = Field(
+        5.0, gt=0, description="How long an admin call waits for every replica to apply it."
+    )
+    metrics_top_n: int = Field(
+        20, ge=0, le=1000,
+        description="Adapters that get their own label in request metrics; the rest are `other`.",
+    )
+
+    def resolve(self, raw: str) -> Path:
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = Path(os.environ.get("LORASERVE_HOME") or os.getcwd()) / path
+        return path.resolve()
+
+    def store_roots(self) -> list[Path]:
+        roots = [self.resolve(r) for r in self.stores]
+        if roots:
+            roots[0].mkdir(parents=True, exist_ok=True)
+        return roots
+
+    def state_path(self) -> Path:
+        return self.resolve(self.state_dir)
 
 
 class MetricsSettings(_Strict):
@@ -148,6 +206,7 @@ class AppSettings(_Strict):
     router: DeploymentSettings = Field(
         default_factory=DeploymentSettings, description="The ingress (Router) deployment."
     )
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppSettings":
@@ -159,8 +218,28 @@ class AppSettings(_Strict):
                 seen[name] = m.id
         return self
 
+    @model_validator(mode="after")
+    def _preload_bases(self) -> "AppSettings":
+        ids = {m.id for m in self.models}
+        names = {n for m in self.models for n in m.names()}
+        seen = set()
+        for a in self.adapters.preload:
+            if a.base not in ids:
+                raise ValueError(f"adapter {a.name!r} names base {a.base!r}, not in models")
+            if a.name in names or a.name in seen:
+                raise ValueError(f"adapter name {a.name!r} is used twice")
+            seen.add(a.name)
+        return self
+
     def api_keys(self) -> frozenset[str]:
-        if not self.auth.api_keys_env:
-            return frozenset()
-        raw = os.environ.get(self.auth.api_keys_env, "")
-        return frozenset(k.strip() for k in raw.split(",") if k.strip())
+        return _keys(self.auth.api_keys_env)
+
+    def admin_keys(self) -> frozenset[str]:
+        return _keys(self.auth.admin_keys_env)
+
+
+def _keys(env: str | None) -> frozenset[str]:
+    if not env:
+        return frozenset()
+    raw = os.environ.get(env, "")
+    return frozenset(k.strip() for k in raw.split(",") if k.strip())

@@ -49,3 +49,23 @@ def make_adapter(base_dir, dest, *, task: str, rank: int = 4, seed: int = 0, tar
                 param.normal_(0.0, 0.2)
     peft_model.save_pretrained(dest, safe_serialization=True)
     return dest
+
+
+def peft_reference(base_dir, adapter_dir, task, texts, tokenizer=None):
+    """What peft itself computes for ``texts`` with one adapter: class probabilities, or
+    mean-pooled L2-normalized embeddings. The reference every served output is held to."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(base_dir)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        if task == "classify":
+            model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_dir), adapter_dir).eval()
+            return torch.softmax(model(**enc).logits, -1).numpy()
+        model = PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), adapter_dir).eval()
+        hidden = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=1).numpy()

@@ -3,20 +3,43 @@
 Every port is picked free at start, so a running `make up` or a benchmark does not collide.
 The catalog: the bundled all-MiniLM-L6-v2 and a tiny embedder co-located in the Router
 replica (one hop), and a tiny classifier as a ModelServer deployment of its own (two hops).
+Adapters: the shipped demo adapters (repo ``adapters/``) are declared in the config; a temporary
+store root holds test adapters on the tiny bases; admin routes need ``ADMIN_KEY``.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import TOPIC_LABELS
+from tests.conftest import TOPIC_LABELS, make_adapter
 
 MAX_BODY = 64 * 1024
 MAX_INPUTS = 16
+REPO_ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
+ADMIN_ENV = "LORASERVE_TEST_ADMIN_KEYS"
+ADMIN_KEY = "admin-test-key"
+TINY_CAPACITY = 3  # adapters per replica for the tiny embedder: evictions happen in tests
+
+
+@pytest.fixture(scope="session")
+def adapter_store(tiny_models, tmp_path_factory):
+    """A store root with real peft adapters on the tiny bases (randomized LoRA, seeded)."""
+    root = tmp_path_factory.mktemp("store")
+    for i in range(6):
+        make_adapter(tiny_models["embed"], root / f"emb-{i}", task="embed", seed=100 + i)
+        make_adapter(tiny_models["embed"], root / f"cls-{i}", task="classify", seed=200 + i)
+    for i in range(3):
+        make_adapter(tiny_models["classify"], root / f"topic-{i}", task="classify", seed=300 + i)
+    # sources of the bad-adapter table (tests/unit/test_adapter_validation.py builds from them)
+    make_adapter(tiny_models["classify"], root / "topics-lora", task="classify")
+    make_adapter(tiny_models["classify"], root / "rank16", task="classify", rank=16)
+    return root
 
 
 def free_port() -> int:
@@ -25,7 +48,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def service_config(tiny_models) -> dict:
+def service_config(tiny_models, store: Path, state_dir: Path) -> dict:
     base = random.randrange(42000, 48000, 100)
     return {
         "proxy_location": "HeadOnly",
@@ -43,6 +66,16 @@ def service_config(tiny_models) -> dict:
                         "direct_port_range": [base, base + 99],
                     },
                     "limits": {"max_body_bytes": MAX_BODY, "max_inputs": MAX_INPUTS},
+                    "auth": {"admin_keys_env": ADMIN_ENV},
+                    "adapters": {
+                        "stores": [str(store), str(REPO_ADAPTERS)],
+                        "state_dir": str(state_dir),
+                        "preload": [
+                            {"name": "sentiment", "base": "minilm", "path": "sentiment"},
+                            {"name": "topic", "base": "minilm", "path": "topic"},
+                        ],
+                        "sync_timeout_s": 10,
+                    },
                     "router": {"min_replicas": 1, "max_replicas": 1},
                     "models": [
                         {
@@ -53,7 +86,8 @@ def service_config(tiny_models) -> dict:
                             "torch_threads": 1,
                         },
                         {"id": "tiny", "source": str(tiny_models["embed"]), "task": "embed",
-                         "torch_threads": 1, "batching": {"max_batch_size": 8, "max_wait_ms": 5}},
+                         "torch_threads": 1, "batching": {"max_batch_size": 8, "max_wait_ms": 5},
+                         "adapters": {"adapters_per_replica": TINY_CAPACITY, "max_rank": 8}},
                         {
                             "id": "topics",
                             "source": str(tiny_models["classify"]),
@@ -61,6 +95,7 @@ def service_config(tiny_models) -> dict:
                             "placement": "separate",
                             "torch_threads": 1,
                             "deployment": {"min_replicas": 1, "max_replicas": 2, "num_cpus": 0},
+                            "adapters": {"max_rank": 8},
                         },
                     ],
                 },
@@ -70,13 +105,12 @@ def service_config(tiny_models) -> dict:
 
 
 @pytest.fixture(scope="session")
-def service(tiny_models):
+def service(tiny_models, adapter_store, tmp_path_factory):
     from serve.launcher import LocalService
 
-    import os
-
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # faster metric tests
-    config = service_config(tiny_models)
+    os.environ[ADMIN_ENV] = ADMIN_KEY
+    config = service_config(tiny_models, adapter_store, tmp_path_factory.mktemp("state"))
     svc = LocalService(config, num_cpus=4).start()
     svc.base_url = f"http://127.0.0.1:{config['http_options']['port']}"
     svc.labels = TOPIC_LABELS
@@ -87,4 +121,12 @@ def service(tiny_models):
 @pytest.fixture(scope="session")
 def client(service):
     with httpx.Client(base_url=service.base_url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def admin(service):
+    """A client that sends the admin key."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=service.base_url, timeout=60, headers=headers) as c:
         yield c

@@ -40,9 +40,10 @@ def _session_of_children(pid: int) -> str | None:
 
 
 def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
-    config = service_config(tiny_models)
+    config = service_config(tiny_models, tmp_path / "store", tmp_path / "state")
     args = config["applications"][0]["args"]
     args["models"] = [m for m in args["models"] if m["id"] == "tiny"]
+    args["adapters"]["preload"] = []  # the demo adapters are on minilm
     path = tmp_path / "up.yaml"
     path.write_text(yaml.safe_dump(config))
     port = config["http_options"]["port"]

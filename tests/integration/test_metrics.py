@@ -25,6 +25,7 @@ def series(text: str, name: str, **labels) -> float:
 
 
 def test_request_batch_token_and_error_metrics(service, client):
+    before = scrape(service)  # other tests used the same model: compare against this
     async def burst():
         async with httpx.AsyncClient(base_url=service.base_url, timeout=60) as c:
             return await asyncio.gather(
@@ -37,17 +38,20 @@ def test_request_batch_token_and_error_metrics(service, client):
     deadline = time.monotonic() + 60
     while True:  # Ray exports on an interval: wait for the condition, not a fixed time
         text = scrape(service)
-        batches = series(text, "ray_loraserve_batch_size_rows_count", model="tiny")
-        ok = series(text, "ray_loraserve_requests_total", route="embeddings", model="tiny", status="200")
-        errors = series(text, "ray_loraserve_request_errors_total", code="model_not_found")
+        def delta(name, **labels):
+            return series(text, name, **labels) - series(before, name, **labels)
+
+        batches = delta("ray_loraserve_batch_size_rows_count", model="tiny")
+        ok = delta("ray_loraserve_requests_total", route="embeddings", model="tiny", status="200")
+        errors = delta("ray_loraserve_request_errors_total", code="model_not_found")
         if (ok >= 24 and errors >= 1 and batches >= 1) or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert ok >= 24 and errors >= 1
     # Ray exports a histogram's count and buckets exactly (its _sum is approximate): batches
     # of more than 4 rows exist, and fewer forward passes ran than requests were served.
-    big = series(text, "ray_loraserve_batch_size_rows_bucket", model="tiny", le="8.0") - series(
-        text, "ray_loraserve_batch_size_rows_bucket", model="tiny", le="4.0")
+    big = delta("ray_loraserve_batch_size_rows_bucket", model="tiny", le="8.0") - delta(
+        "ray_loraserve_batch_size_rows_bucket", model="tiny", le="4.0")
     assert big >= 1 and 1 <= batches < ok, (big, batches, ok)
     assert series(text, "ray_loraserve_requests_total", model="unknown", status="404") >= 1
     assert series(text, "ray_loraserve_input_tokens_total", model="tiny", variant="torch") > 24 * 3

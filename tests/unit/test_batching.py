@@ -15,13 +15,15 @@ class RecordingModel:
 
     def __init__(self, fail_on=None):
         self.batches = []
+        self.adapters = []
         self.fail_on = fail_on
         self.gate = None
 
-    def __call__(self, rows):
+    def __call__(self, rows, adapters=None):
         if self.gate is not None:
             self.gate.wait(5)
         self.batches.append([list(r) for r in rows])
+        self.adapters.append(adapters)
         if self.fail_on is not None and any(r[0] == self.fail_on for r in rows):
             raise ValueError("bad batch")
         return np.array([[float(r[0])] for r in rows], dtype=np.float32)

@@ -10,7 +10,7 @@ import torch
 from models.adapters import base_weight_shapes, validate_adapter
 from models.backend import create_backend
 from models.spec import ModelSpec
-from tests.conftest import TOPIC_LABELS, make_adapter
+from tests.conftest import TOPIC_LABELS, make_adapter, peft_reference
 
 TEXTS = ["the market rallied today", "a thrilling final match", "quiet", "new telescope images of a far galaxy"]
 
@@ -34,21 +34,6 @@ def backend(tiny_models, kind):
 def add(b, tiny_models, store, name, task, base_kind):
     check = validate_adapter(name, [store], base_shapes=base_weight_shapes(tiny_models[base_kind]), task="classify" if task == "classify" else "embed", max_rank=64)
     b.add_adapter(name, check, task)
-
-
-def peft_reference(base_dir, adapter_dir, task, texts, tokenizer):
-    from peft import PeftModel
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        if task == "classify":
-            model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_dir), adapter_dir).eval()
-            return torch.softmax(model(**enc).logits, -1).numpy()
-        model = PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), adapter_dir).eval()
-        hidden = model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=1).numpy()
 
 
 def test_classify_base_equals_transformers(tiny_models):
