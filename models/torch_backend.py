@@ -3,7 +3,7 @@
 Embeddings are computed exactly as sentence-transformers computes them for its mean-pooling
 models: token embeddings averaged over the attention mask, then L2-normalized. Classification
 applies the head over the pooled output as ``BertForSequenceClassification`` does. Adapters
-(``models.lora_torch``) may differ per row of one batch; a row's output is then its adapter's.
+(``models.lora_slots``) may differ per row of one batch; a row's output is then its adapter's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from models.adapters import AdapterCheck
 from models.backend import Backend, max_input_tokens
 from models.errors import ModelLoadError, TaskNotSupported
-from models.lora_torch import Head, LoraEncoder
+from models.lora_slots import Head, LoraEncoder
 from models.tokenization import InputEncoder
 
 
@@ -46,7 +46,7 @@ class TorchBackend(Backend):
                 raise TaskNotSupported(f"the torch encoder backend does not serve {self.spec.task!r}")
         except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise ModelLoadError(f"cannot load model {self.spec.id!r} from {self.path}: {exc}") from exc
-        self.lora = LoraEncoder(encoder.eval())
+        self.lora = LoraEncoder(encoder.eval(), slots=self.spec.adapters.adapters_per_replica)
         self.encoder = InputEncoder(tokenizer, max_input_tokens(self.spec, self.path, tokenizer, config))
 
     def add_adapter(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...] = ()) -> None:

@@ -1,4 +1,5 @@
-"""LoRA adapters on a served torch encoder: hot add/remove and per-row adapters in one pass.
+"""The peft way to serve LoRA adapters on a torch encoder -- the baseline of
+``loadtest/bench_lora_impl.py`` (the service uses ``models.lora_slots``, measured faster).
 
 The served encoder (``BertModel``-shaped: ``last_hidden_state`` + ``pooler_output``) is wrapped
 in one ``PeftModel`` the first time an adapter arrives. Each adapter's LoRA matrices are loaded
@@ -15,24 +16,14 @@ of different widths are why ``predict`` returns one array per row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from models.adapters import WEIGHTS_FILE, AdapterCheck, InvalidAdapter
+from models.lora_slots import _served_name, classifier_head
 
 BASE = "__base__"
-
-
-@dataclass
-class Head:
-    """A classification head over the pooled output: ``probs = softmax(W @ pooled + b)``."""
-
-    weight: torch.Tensor  # [labels, hidden]
-    bias: torch.Tensor  # [labels]
-    labels: tuple[str, ...]
 
 
 def split_state(check: AdapterCheck, module_names: set[str]) -> tuple[dict, dict]:
@@ -47,30 +38,6 @@ def split_state(check: AdapterCheck, module_names: set[str]) -> tuple[dict, dict
         else:
             head[key.replace(".modules_to_save.default", "")] = tensor
     return lora, head
-
-
-def _served_name(module: str, module_names: set[str]) -> str:
-    parts = module.split(".")
-    for i in range(len(parts)):
-        name = ".".join(parts[i:])
-        if name in module_names:
-            return name
-    raise InvalidAdapter(f"target module {module!r} does not exist in the served model", param="lora_path")
-
-
-def classifier_head(head_tensors: dict, labels: tuple[str, ...]) -> Head:
-    weight = next((v for k, v in head_tensors.items() if k.endswith("classifier.weight")), None)
-    bias = next((v for k, v in head_tensors.items() if k.endswith("classifier.bias")), None)
-    if weight is None or bias is None or weight.dim() != 2:
-        raise InvalidAdapter("classification adapter has no classifier head weights", param="lora_path")
-    if not labels:
-        labels = tuple(f"LABEL_{i}" for i in range(weight.shape[0]))
-    if len(labels) != weight.shape[0]:
-        raise InvalidAdapter(
-            f"adapter names {len(labels)} labels but its head has {weight.shape[0]} outputs",
-            param="lora_path",
-        )
-    return Head(weight.float(), bias.float(), labels)
 
 
 class LoraEncoder:
