@@ -41,6 +41,12 @@ class BatchingSpec(_Strict):
     max_batch_tokens: int = Field(
         16384, ge=1, description="Upper bound on rows x padded length in one forward pass."
     )
+    split_by_adapter: bool = Field(
+        False,
+        description="Give each forward pass the rows of one adapter only, as Ray's "
+        "`@serve.batch` with multiplexing does. Off: rows of every adapter and the bare base "
+        "share batches (faster; on only to measure the difference).",
+    )
 
 
 class AdapterPolicy(_Strict):

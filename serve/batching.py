@@ -50,7 +50,7 @@ class Batcher:
         split_by_adapter: bool = False,
     ):
         self._run = run_batch
-        self.split_by_adapter = split_by_adapter
+        self.split_by_adapter = split_by_adapter or spec.split_by_adapter
         self.spec = spec
         self._observer = observer
         self._queue: collections.deque[_Row] = collections.deque()

@@ -125,3 +125,25 @@ def test_cancelled_rows_never_reach_the_model():
     model, last = run(main())
     assert [99] not in [r for batch in model.batches for r in batch]
     assert last.tolist() == [[2.0]]
+
+
+def test_rows_of_different_adapters_share_a_batch_unless_split():
+    async def main(split):
+        model = RecordingModel()
+        model.gate = __import__("threading").Event()
+        b = Batcher(model, BatchingSpec(max_batch_size=8, split_by_adapter=split))
+        first = asyncio.ensure_future(b.submit([[0]], None))  # occupies the model thread
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(b.submit([[i]], a)) for i, a in
+                [(1, "x"), (2, None), (3, "y"), (4, "x")]]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(first, *rest)
+        b.close()
+        return model.batches, model.adapters
+
+    batches, adapters = run(main(False))
+    assert batches == [[[0]], [[1], [2], [3], [4]]] and adapters[1] == ["x", None, "y", "x"]
+    batches, adapters = run(main(True))
+    assert batches == [[[0]], [[1], [4]], [[2]], [[3]]]
+    assert adapters[1:] == [["x", "x"], None, ["y"]]
