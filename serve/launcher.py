@@ -91,6 +91,7 @@ class LocalService:
     def start(self, timeout_s: float = 300.0) -> "LocalService":
         import ray
 
+        self._check_ports_free()
         for key, value in ray_env(self.settings, self.run_dir).items():
             self._saved_env[key] = os.environ.get(key)
             os.environ[key] = value
@@ -105,6 +106,20 @@ class LocalService:
         self.session = ray._private.worker._global_node.session_name  # e.g. session_<date>_<pid>
         deploy(self.config, timeout_s)
         return self
+
+    def _check_ports_free(self) -> None:
+        """HAProxy binds its port with SO_REUSEPORT, so a second service on a busy port would
+        start without error and silently share the traffic of the first: refuse instead."""
+        http = self.config.get("http_options") or {}
+        host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+        busy = [f"{host}:{p} ({what})" for p, what in (
+            (port, "HTTP"), (self.settings.metrics.export_port, "metrics export"),
+        ) if _accepting(host if what == "HTTP" else "127.0.0.1", p)]
+        if busy:
+            raise RuntimeError(
+                f"already in use: {', '.join(busy)}. Is another loraserve running? Stop it or "
+                "choose other ports (http_options.port, args.metrics.export_port)."
+            )
 
     def stop(self) -> None:
         import ray
@@ -158,6 +173,14 @@ def deploy(config: dict, timeout_s: float = 300.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"applications not running after {timeout_s:g} s: {states}")
         time.sleep(0.5)
+
+
+def _accepting(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
 
 
 def _matching(fragment: str) -> list[int]:

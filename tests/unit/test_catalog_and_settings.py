@@ -63,3 +63,19 @@ def test_launcher_env_for_each_ingress_mode(tmp_path, monkeypatch):
     assert plain["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and plain["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
     monkeypatch.setattr(launcher, "haproxy_available", lambda: False)
     assert env_for()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # falls back where no binary exists
+
+
+def test_launcher_refuses_a_busy_port_before_starting_anything():
+    import socket
+
+    from serve.launcher import LocalService
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = {"http_options": {"host": "127.0.0.1", "port": port},
+                  "applications": [{"name": "x", "import_path": "serve.app:build_app",
+                                    "args": {"models": [{"id": "m", "source": "/nowhere", "task": "embed"}]}}]}
+        with pytest.raises(RuntimeError, match=f"127.0.0.1:{port} \\(HTTP\\)"):
+            LocalService(config).start()
