@@ -8,7 +8,7 @@ CONFIG ?= deploy/local.yaml
 # The CPU wheel of torch; installed first so nothing pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: up test install bench adapters clean
+.PHONY: up test install bench bench-adapters locust adapters clean
 
 install: $(STAMP)
 
@@ -27,6 +27,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) loadtest/bench_embeddings.py $(BENCH_ARGS)
+
+# Against a running `make up`: Zipf popularity over the served adapters, SLO checked at the end.
+LOCUST_ARGS ?= -u 32 -r 8 -t 60s
+locust: $(STAMP)
+	$(VENV)/bin/locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --headless $(LOCUST_ARGS)
+
+bench-adapters: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) loadtest/bench_adapters.py $(BENCH_ARGS)
 
 adapters: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m models.finetune --train models/data/sentiment/train.jsonl --eval models/data/sentiment/test.jsonl --out adapters/sentiment --overwrite

@@ -197,3 +197,25 @@ def test_hundred_load_unload_cycles_under_traffic(service, admin, registered, ti
             t.join(30)
     assert outcomes["failed"] == [] and outcomes["max_diff"] <= 1e-6, outcomes
     assert outcomes["ok"] >= 20, outcomes
+
+
+def test_locust_harness_runs_clean_against_the_service(service, tmp_path):
+    """The Locust users (Zipf over the registered classify adapters) against the real service:
+    a short headless run, every request answered and checked."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    locustfile = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
+    env = {**os.environ, "LORASERVE_BASE_MODEL": "tiny", "LORASERVE_ADAPTERS": "sentiment,topic"}
+    cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--host", service.base_url,
+           "--headless", "-u", "4", "-r", "4", "-t", "6s", "--csv", str(tmp_path / "run"),
+           "--only-summary"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+    rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "run_stats.csv"))}
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert int(rows["classify (zipf adapters)"]["Request Count"]) > 0
+    assert int(rows["embeddings"]["Request Count"]) > 0
