@@ -59,3 +59,33 @@ def test_request_batch_token_and_error_metrics(service, client):
                  "ray_loraserve_request_latency_ms_count"):
         assert series(text, name) > 0, name
     assert re.search(r'ray_loraserve_batch_size_rows_bucket\{[^}]*le="32\.0"', text)
+
+
+def test_adapter_metrics(service, client, admin):
+    """Loads by result, load latency, evictions, residency and the bounded adapter label."""
+    names = [f"metric-{i}" for i in range(4)]  # more than the tiny base's LRU holds
+    for i, name in enumerate(names):
+        r = admin.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": f"cls-{i + 1}",
+                                                      "base_model_name": "tiny"})
+        assert r.status_code == 200, r.text
+    try:
+        for _ in range(2):
+            for name in names:
+                assert client.post("/v1/classify", json={"model": name, "input": "probe"}).status_code == 200
+        deadline = time.monotonic() + 60
+        while True:
+            text = scrape(service)
+            loads = series(text, "ray_loraserve_adapter_loads_total", model="tiny", result="ok")
+            evictions = series(text, "ray_loraserve_adapter_evictions_total", model="tiny")
+            labelled = series(text, "ray_loraserve_requests_total", route="classify", adapter="metric-0")
+            if (loads >= 8 and evictions >= 1 and labelled >= 2) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert loads >= 8 and evictions >= 1 and labelled >= 2, (loads, evictions, labelled)
+        assert series(text, "ray_loraserve_adapter_load_latency_ms_count", model="tiny") >= 8
+        assert 'ray_loraserve_adapters_resident{' in text
+        assert series(text, "ray_loraserve_requests_total", route="embeddings", adapter="none") > 0
+        assert series(text, "ray_loraserve_admin_calls_total", action="load", result="ok") >= 4
+    finally:
+        for name in names:
+            admin.post("/v1/unload_lora_adapter", json={"lora_name": name})
