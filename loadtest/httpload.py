@@ -12,6 +12,11 @@ nothing after the window closes. ``run_load_in_process`` runs all of this in a f
 (spawned, so it shares nothing with the caller), which keeps the client off the server's
 event loop and lets its CPU time be measured on its own.
 
+Mixed traffic: pass ``bodies`` (a list of request bodies) and optionally ``weights`` (one per
+body) instead of a single body; every request then carries a body drawn at random by weight
+(each worker has its own seeded generator, so a run is reproducible). Used by
+loadtest/bench_adapters.py to spread requests over many adapters with Zipf popularity.
+
 Standalone: ``python loadtest/httpload.py --url http://127.0.0.1:8000/v1/embeddings
 --body '{"model": "minilm", "input": "hi"}' --concurrency 8 --duration 10``.
 """
@@ -20,10 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import itertools
 import json
 import multiprocessing
+import random
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
@@ -96,11 +105,32 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, close
 
 
-async def _worker(host, port, request, t_start, t_end, latencies, kinds: Counter) -> None:
-    """One connection, one request at a time, until the window ends."""
+def weighted_picker(requests: Sequence[bytes], weights: Sequence[float] | None,
+                    seed: int) -> Callable[[], bytes]:
+    """A cheap ``() -> request bytes`` drawing from ``requests`` by ``weights`` (uniform when
+    None) with its own seeded generator: one ``random()`` and a bisect per request."""
+    if len(requests) == 1:
+        only = requests[0]
+        return lambda: only
+    if weights is not None and len(weights) != len(requests):
+        raise ValueError(f"{len(weights)} weights for {len(requests)} bodies")
+    cum = list(itertools.accumulate(weights if weights is not None else [1.0] * len(requests)))
+    total, last = cum[-1], len(requests) - 1
+    if not total > 0:
+        raise ValueError("weights must add up to a positive number")
+    rnd = random.Random(seed).random
+    return lambda: requests[min(bisect.bisect_right(cum, rnd() * total), last)]
+
+
+async def _worker(host, port, request, t_start, t_end, latencies, kinds: Counter,
+                  pick: Callable[[], bytes] | None = None) -> None:
+    """One connection, one request at a time, until the window ends. With ``pick``, each
+    request's bytes come from ``pick()`` instead of ``request``."""
     reader = writer = None
     perf = time.perf_counter
     while True:
+        if pick is not None:
+            request = pick()
         t0 = perf()
         if t0 >= t_end:
             break
@@ -130,8 +160,13 @@ async def _worker(host, port, request, t_start, t_end, latencies, kinds: Counter
         writer.close()
 
 
-async def _run(url, body, concurrency, warmup_s, duration_s) -> LoadResult:
+async def _run(url, body, concurrency, warmup_s, duration_s, bodies=None, weights=None,
+               seed=0) -> LoadResult:
     host, port, request = build_request(url, body)
+    picks: list[Callable[[], bytes] | None] = [None] * concurrency
+    if bodies:
+        requests = [build_request(url, b)[2] for b in bodies]
+        picks = [weighted_picker(requests, weights, seed * 100_003 + i) for i in range(concurrency)]
     latencies: list[float] = []
     kinds: Counter = Counter()
     now = time.perf_counter()
@@ -145,8 +180,8 @@ async def _run(url, body, concurrency, warmup_s, duration_s) -> LoadResult:
         cpu["end"] = time.process_time()
 
     tasks = [asyncio.ensure_future(clock())] + [
-        asyncio.ensure_future(_worker(host, port, request, t_start, t_end, latencies, kinds))
-        for _ in range(concurrency)
+        asyncio.ensure_future(_worker(host, port, request, t_start, t_end, latencies, kinds, picks[i]))
+        for i in range(concurrency)
     ]
     _, pending = await asyncio.wait(tasks, timeout=warmup_s + duration_s + GRACE_S)
     for t in pending:  # stuck requests past the grace period
@@ -168,8 +203,10 @@ async def _run(url, body, concurrency, warmup_s, duration_s) -> LoadResult:
 
 
 def run_load(url: str, body: bytes, concurrency: int, warmup_s: float,
-             duration_s: float) -> LoadResult:
-    """Blocking: one closed-loop run in this process (uvloop when installed, as servers use)."""
+             duration_s: float, *, bodies: Sequence[bytes] | None = None,
+             weights: Sequence[float] | None = None, seed: int = 0) -> LoadResult:
+    """Blocking: one closed-loop run in this process (uvloop when installed, as servers use).
+    ``bodies``/``weights``/``seed``: a body drawn per request instead of ``body`` (see above)."""
     try:
         import uvloop
 
@@ -177,18 +214,20 @@ def run_load(url: str, body: bytes, concurrency: int, warmup_s: float,
     except ImportError:
         loop = asyncio.new_event_loop()
     try:
-        return loop.run_until_complete(_run(url, body, concurrency, warmup_s, duration_s))
+        return loop.run_until_complete(
+            _run(url, body, concurrency, warmup_s, duration_s, bodies, weights, seed)
+        )
     finally:
         loop.close()
 
 
 def run_load_in_process(url: str, body: bytes, concurrency: int, warmup_s: float,
-                        duration_s: float) -> LoadResult:
+                        duration_s: float, **mixed) -> LoadResult:
     """``run_load`` in a freshly spawned process, so the client never shares a process (or a
-    GIL) with a server and its CPU time is its own."""
+    GIL) with a server and its CPU time is its own. ``mixed``: ``bodies``/``weights``/``seed``."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(run_load, url, body, concurrency, warmup_s, duration_s).result()
+        return pool.submit(run_load, url, body, concurrency, warmup_s, duration_s, **mixed).result()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import ModelLoadError, VariantNotFound
+from models.errors import TaskNotSupported, ModelLoadError, VariantNotFound
 from models.spec import ModelSpec
 from models.tokenization import Input, InputEncoder
 
@@ -29,6 +29,8 @@ class Backend(ABC):
     """One loaded (base, variant): tokenizer, weights and a ``predict`` over a batch of rows."""
 
     variant: str = ""
+    # May add_adapter/remove_adapter run on another thread while predict runs?
+    concurrent_adapter_updates: bool = False
 
     def __init__(self, spec: ModelSpec, path: Path):
         self.spec = spec
@@ -42,9 +44,19 @@ class Backend(ABC):
         """Read tokenizer and weights; sets ``encoder``, ``labels``/``dimensions``."""
 
     @abstractmethod
-    def predict(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+    def predict(self, rows: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None):
         """Run one forward pass over token-id rows (already with special tokens), padding them
-        to the longest row of this batch. Returns ``[len(rows), width]`` float32."""
+        to the longest row of this batch; ``adapters`` names each row's loaded adapter (None:
+        the bare base). Returns ``[len(rows), width]`` float32, or one array per row when rows
+        of different output widths share the batch."""
+
+    def add_adapter(self, name: str, check, task: str, labels: tuple[str, ...] = ()) -> None:
+        """Load a validated adapter (``models.adapters.AdapterCheck``) under ``name``."""
+        raise TaskNotSupported(f"the {self.variant} backend does not serve adapters")
+
+    def remove_adapter(self, name: str) -> None:
+        """Free an adapter; only called when no batch in flight uses it."""
+        raise TaskNotSupported(f"the {self.variant} backend does not serve adapters")
 
     def encode(self, inputs: Sequence[Input], *, truncate: bool = False) -> list[list[int]]:
         if self.encoder is None:

@@ -10,9 +10,9 @@ ONNX path will use the same stacks).
 
 Why not peft's ``add_adapter`` + ``adapter_names``: peft creates new modules per adapter on
 every load (tens of ms) and splits each layer's work per distinct adapter in a batch.
-Here a load is a safetensors read and a copy into a free slot, and an eviction frees the slot
-for the next load; memory is bounded by the slot count (capacity plus headroom), allocated
-as adapters arrive. Smaller ranks are zero-padded to the module's largest rank, which leaves
+Here a load is a safetensors read and a copy into a free slot (on any thread, while batches
+run), and an eviction frees the slot for the next load; memory grows with the slots actually
+written (at most the LRU capacity plus the adapters of in-flight batches) and is reused. Smaller ranks are zero-padded to the module's largest rank, which leaves
 results exact (the padded products are exact zeros). Outputs equal peft's to float rounding
 (``tests/unit/test_torch_adapters.py`` holds them to 1e-5).
 """
@@ -20,6 +20,7 @@ results exact (the padded products are exact zeros). Outputs equal peft's to flo
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -51,53 +52,67 @@ class SlotLinear(torch.nn.Module):
         super().__init__()
         self.base = base
         self.batch = batch
-        self.At: torch.Tensor | None = None  # [slots, in, r]
-        self.Bt: torch.Tensor | None = None  # [slots, r, out]
+        # (At [slots, in, r], Bt [slots, r, out]) as ONE attribute: a forward pass reads it once,
+        # so a concurrent regrowth can never hand it an At and a Bt of different ranks.
+        self.stacks: tuple[torch.Tensor, torch.Tensor] | None = None
         self.live: set[int] = set()  # slots whose adapter targets this module
 
     def ensure(self, slots: int, rank: int) -> None:
-        """Grow the stacks to at least ``slots`` x ``rank`` (existing content kept)."""
+        """Grow the stacks to at least ``slots`` x ``rank`` (existing content kept).
+
+        ``torch.empty``: pages of slots never written are never touched, so capacity costs
+        address space, not memory; slot 0 and the rank padding of written slots are zeroed.
+        """
         out_f, in_f = self.base.weight.shape
-        have_slots, have_rank = (0, 0) if self.At is None else (self.At.shape[0], self.At.shape[2])
+        have_slots, have_rank = (0, 0) if self.stacks is None else (
+            self.stacks[0].shape[0], self.stacks[0].shape[2])
         if have_slots >= slots and have_rank >= rank:
             return
         slots, rank = max(slots, have_slots), max(rank, have_rank)
-        At = torch.zeros(slots, in_f, rank, dtype=self.base.weight.dtype)
-        Bt = torch.zeros(slots, rank, out_f, dtype=self.base.weight.dtype)
-        if self.At is not None:
-            At[:have_slots, :, :have_rank] = self.At
-            Bt[:have_slots, :have_rank] = self.Bt
-        self.At, self.Bt = At, Bt
+        At = torch.empty(slots, in_f, rank, dtype=self.base.weight.dtype)
+        Bt = torch.empty(slots, rank, out_f, dtype=self.base.weight.dtype)
+        At[0].zero_()
+        Bt[0].zero_()
+        if self.stacks is not None:
+            old_A, old_B = self.stacks
+            At[:have_slots, :, :have_rank] = old_A
+            At[:have_slots, :, have_rank:] = 0
+            Bt[:have_slots, :have_rank] = old_B
+            Bt[:have_slots, have_rank:] = 0
+        self.stacks = (At, Bt)
 
     def put(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Write one adapter's ``a: [r, in]`` and scaled ``b: [out, r]`` (None: not targeted)."""
-        if self.At is None:
+        if self.stacks is None:
             return
-        self.At[slot].zero_()
-        self.Bt[slot].zero_()
+        At, Bt = self.stacks
+        At[slot].zero_()
+        Bt[slot].zero_()
         if a is None:
             self.live.discard(slot)
             return
         r = a.shape[0]
-        self.At[slot, :, :r] = a.transpose(0, 1)
-        self.Bt[slot, :r] = b.transpose(0, 1)
+        At[slot, :, :r] = a.transpose(0, 1)
+        Bt[slot, :r] = b.transpose(0, 1)
         self.live.add(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self.batch
-        if batch.rows is None or not self.live:
+        stacks = self.stacks
+        if batch.rows is None or stacks is None or not self.live:
             return y
+        At, Bt = stacks
         if batch.single is not None:
             if batch.single not in self.live:
                 return y
             s = batch.single  # y += (x @ At) @ Bt, the add fused into the second matmul
-            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ self.At[s], self.Bt[s])
+            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ At[s], Bt[s])
             return y
         flat = x.dim() == 2  # e.g. the pooler: [batch, in]
         h = x.unsqueeze(1) if flat else x  # [batch, seq, in]
-        a = self.At.index_select(0, batch.rows)  # [batch, in, r]
-        b = self.Bt.index_select(0, batch.rows)  # [batch, r, out]
+        a = At.index_select(0, batch.rows)  # [batch, in, r]
+        b = Bt.index_select(0, batch.rows)  # [batch, r, out]
         y3 = y.unsqueeze(1) if flat else y  # [batch, seq, out], a view of y
         y3.baddbmm_(torch.bmm(h, a), b)
         return y
@@ -139,14 +154,23 @@ def classifier_head(head_tensors: dict, labels: tuple[str, ...]) -> Head:
             f"adapter names {len(labels)} labels but its head has {weight.shape[0]} outputs",
             param="lora_path",
         )
-    return Head(weight.float(), bias.float(), labels)
+    # clone: a view would keep the whole memory-mapped adapter file alive
+    return Head(weight.float().clone(), bias.float().clone(), labels)
 
 
 class LoraEncoder:
-    """The served encoder plus its adapters in slots."""
+    """The served encoder plus its adapters in slots.
+
+    Threads: ``add``/``remove`` may run on another thread while ``forward`` runs (they are
+    serialized among themselves by a lock), provided ``remove`` is only called for an adapter
+    no in-flight batch uses -- the ModelServer's LRU guarantees that. A new adapter takes a slot
+    no running batch reads, stacks are swapped whole, and dict updates are atomic under the GIL,
+    so a load never waits for a forward pass.
+    """
 
     def __init__(self, encoder: torch.nn.Module, slots: int = 16):
         self.encoder = encoder
+        self._lock = threading.Lock()
         self._modules = {name: m for name, m in encoder.named_modules()}
         self._wrapped: dict[str, SlotLinear] = {}
         self._batch = _Batch()
@@ -181,6 +205,10 @@ class LoraEncoder:
         return used
 
     def add(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...] = ()) -> None:
+        with self._lock:
+            self._add(name, check, task, labels)
+
+    def _add(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...]) -> None:
         if name in self.tasks:
             raise InvalidAdapter(f"adapter name {name!r} is already loaded here", param="lora_name")
         pairs, head_tensors = read_adapter(check, set(self._modules))
@@ -190,26 +218,31 @@ class LoraEncoder:
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
                 raise InvalidAdapter(f"module {module!r} has malformed LoRA matrices", param="lora_path")
         slot = self._take_slot()
+        fresh = [m for m in pairs if m not in self._wrapped]
         for module, (a, b) in pairs.items():
             self._wrap(module).ensure(self._slots, a.shape[0])
+        for module in fresh:  # a newly adapted module: the adapters already loaded are zero there
+            for other in self.slot_of.values():
+                self._wrapped[module].put(other, None, None)
         for module, wrapped in self._wrapped.items():
             wrapped.ensure(self._slots, 1)
             a, b = pairs.get(module, (None, None))
             wrapped.put(slot, a.float() if a is not None else None, b.float() * scale if b is not None else None)
-        self.slot_of[name] = slot
-        self.tasks[name] = task
-        if new_head is not None:
+        if new_head is not None:  # head first: a row may use the adapter once it has a slot
             self.heads[name] = new_head
+        self.tasks[name] = task
+        self.slot_of[name] = slot
 
     def remove(self, name: str) -> None:
-        slot = self.slot_of.pop(name, None)
-        if slot is None:
-            return
-        self.tasks.pop(name)
-        self.heads.pop(name, None)
-        for wrapped in self._wrapped.values():
-            wrapped.live.discard(slot)
-        self._free.append(slot)
+        with self._lock:
+            slot = self.slot_of.pop(name, None)
+            if slot is None:
+                return
+            self.tasks.pop(name)
+            self.heads.pop(name, None)
+            for wrapped in self._wrapped.values():
+                wrapped.live.discard(slot)
+            self._free.append(slot)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list[str | None]):
         """One pass; returns the encoder output (``last_hidden_state``, ``pooler_output``)."""

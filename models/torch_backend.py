@@ -23,6 +23,7 @@ from models.tokenization import InputEncoder
 
 class TorchBackend(Backend):
     variant = "torch"
+    concurrent_adapter_updates = True  # slots: see models.lora_slots.LoraEncoder
 
     def load(self) -> None:
         if self.spec.torch_threads:
@@ -46,6 +47,7 @@ class TorchBackend(Backend):
                 raise TaskNotSupported(f"the torch encoder backend does not serve {self.spec.task!r}")
         except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise ModelLoadError(f"cannot load model {self.spec.id!r} from {self.path}: {exc}") from exc
+        _column_major_linear_weights(encoder)
         self.lora = LoraEncoder(encoder.eval(), slots=self.spec.adapters.adapters_per_replica)
         self.encoder = InputEncoder(tokenizer, max_input_tokens(self.spec, self.path, tokenizer, config))
 
@@ -100,6 +102,20 @@ class TorchBackend(Backend):
     def close(self) -> None:
         super().close()
         self.lora = None
+
+
+def _column_major_linear_weights(module: torch.nn.Module) -> None:
+    """Store each ``Linear`` weight column-major: same values, same ``[out, in]`` shape.
+
+    ``F.linear`` computes ``x @ W.T``. With ``W`` row-major, MKL's sgemm repacks the whole weight
+    on every call, which for the dozen token rows of a one-sentence request is most of the
+    matmul (py-spy: ~40% of a replica's forward pass in ``sgemm_scopy``). With ``W.T``
+    contiguous it does not. Measured on all-MiniLM-L6-v2, one torch thread: one sentence
+    11.1 -> 10.1 ms per forward pass, batches of 32 unchanged, outputs bit-identical.
+    """
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight.data = m.weight.data.t().contiguous().t()
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,6 +56,7 @@ class AdapterCache:
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._loading: dict[str, asyncio.Task] = {}
         self._unloading: set[asyncio.Task] = set()
+        self._registered: dict[str, AdapterRef] | None = None  # as of the last sync
         self.loads = 0
         self.evictions = 0
 
@@ -63,9 +64,11 @@ class AdapterCache:
     async def acquire(self, ref: AdapterRef) -> str:
         """Make ``ref`` resident and mark it in use; returns the backend key for its rows."""
         key = ref.key
+        waited = False
         while True:
             entry = self._entries.get(key)
-            if entry is not None and not entry.doomed:
+            # a doomed entry still serves requests that were already waiting for its load
+            if entry is not None and (not entry.doomed or waited):
                 entry.users += 1
                 self._entries.move_to_end(key)
                 return key
@@ -74,6 +77,7 @@ class AdapterCache:
                 task = asyncio.get_running_loop().create_task(self._load_one(ref))
                 self._loading[key] = task
             await asyncio.shield(task)  # raises the load's error to every waiter
+            waited = True
 
     def release(self, key: str) -> None:
         entry = self._entries.get(key)
@@ -86,6 +90,7 @@ class AdapterCache:
     # -- what the registry watcher calls -------------------------------------------------------
     def sync(self, registered: dict[str, AdapterRef]) -> None:
         """Drop every resident adapter that is no longer registered with the same content."""
+        self._registered = registered
         for key, entry in list(self._entries.items()):
             current = registered.get(entry.ref.name)
             if current is None or current.key != key:
@@ -111,7 +116,11 @@ class AdapterCache:
             if self._observer is not None:
                 self._observer.adapter_load("error", (time.perf_counter() - start) * 1000)
             raise
-        self._entries[ref.key] = _Entry(ref)
+        # Unregistered (or replaced) while it loaded: serve the requests already waiting for it,
+        # then let it go like any dropped adapter.
+        current = None if self._registered is None else self._registered.get(ref.name)
+        doomed = self._registered is not None and (current is None or current.key != ref.key)
+        self._entries[ref.key] = _Entry(ref, doomed=doomed)
         self._loading.pop(ref.key, None)
         self.loads += 1
         if self._observer is not None:

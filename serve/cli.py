@@ -35,7 +35,8 @@ def _up(args: argparse.Namespace) -> int:
         print(
             f"\n  API      http://{host}:{port}/v1   (try: curl http://{host}:{port}/v1/models)\n"
             f"  health   http://{host}:{port}/health\n"
-            f"  metrics  http://127.0.0.1:{service.settings.metrics.export_port}/metrics\n\n"
+            f"  metrics  http://127.0.0.1:{service.settings.metrics.export_port}/metrics\n"
+            f"  run files {service.run_dir} (HAProxy config and sockets)\n\n"
             "Ctrl-C stops everything.",
             flush=True,
         )

@@ -33,6 +33,15 @@ from serve.adapter_cache import AdapterCache
 from serve.batching import Batcher
 
 
+async def _within(coro, timeout_s: float):
+    """``asyncio.wait_for`` without its extra task where Python has ``asyncio.timeout`` (3.11+):
+    the result then reaches the request in the same loop iteration it is set."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout_s):
+            return await coro
+    return await asyncio.wait_for(coro, timeout_s)
+
+
 class AdapterLoadFailed(ModelLoadError):
     """A registered adapter could not be loaded in this replica (files changed or broken)."""
 
@@ -104,7 +113,7 @@ class ModelServer:
                 f"adapter {ref.name!r}: its files changed since it was registered; register it "
                 "again (replace: true)"
             )
-        await self.batcher.call(b.add_adapter, ref.key, check, ref.task, ref.labels)
+        await self._adapter_call(b.add_adapter, ref.key, check, ref.task, ref.labels)
 
     def _validate(self, ref: AdapterRef):
         if self._base_shapes is None:
@@ -115,7 +124,14 @@ class ModelServer:
         )
 
     def _unload_adapter(self, key: str):
-        return self.batcher.call(self.backend.remove_adapter, key)
+        return self._adapter_call(self.backend.remove_adapter, key)
+
+    def _adapter_call(self, fn, *args):
+        """Adapter updates run beside the forward passes where the backend allows it (torch
+        slots: a load then never waits for a batch), else between them on the model thread."""
+        if self.backend.concurrent_adapter_updates:
+            return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        return self.batcher.call(fn, *args)
 
     def sync_adapters(self, registered: dict[str, AdapterRef]) -> None:
         """Registry changed: drop adapters of this base that are gone or replaced."""
@@ -195,7 +211,7 @@ class ModelServer:
 
     async def _submit(self, rows, key: str | None, timeout_s: float):
         try:
-            return await asyncio.wait_for(self.batcher.submit(rows, key), timeout_s)
+            return await _within(self.batcher.submit(rows, key), timeout_s)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"inference took longer than {timeout_s:g} s") from None
 

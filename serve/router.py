@@ -158,7 +158,10 @@ class RouterCore:
             response = _error(err, rid)
         if self.metrics is not None:
             latency_ms = (time.perf_counter() - start) * 1000
-            self.metrics.request(route, model, response.status_code, latency_ms, code, adapter)
+            # recorded once the response is on its way: Ray's metric calls are not free
+            asyncio.get_running_loop().call_soon(
+                self.metrics.request, route, model, response.status_code, latency_ms, code, adapter
+            )
         return response
 
     async def embeddings(self, server, req: EmbeddingsRequest, inputs, resolved: Resolved, rid: str):
@@ -209,7 +212,7 @@ class RouterCore:
                     "object": "model",
                     "created": ref.created,
                     "owned_by": "loraserve",
-                    "root": ref.path,
+                    "root": ref.name,  # not the path: server paths stay with the admin API
                     "parent": ref.base,
                     "task": ref.task,
                     "labels": list(ref.labels) or None,

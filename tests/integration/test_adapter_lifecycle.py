@@ -4,9 +4,12 @@ restart of Ray and the application, and unloaded. Admin routes need the admin ke
 inference key gets 403 there.
 
 The service here serves only the tiny embedder, with inference and admin keys configured, and
-its registry state in a temporary directory shared by both starts.
+its registry state in a temporary directory shared by both starts. It runs as `loraserve up`
+in a subprocess (its own Ray), so it neither disturbs nor depends on the session's service.
 """
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.integration.conftest import service_config
 
@@ -28,21 +32,38 @@ def places(tmp_path_factory):
     return root
 
 
-def start(tiny_models, places):
-    import os
+class Up:
+    """`loraserve up` on a config, in its own process group; ``stop()`` is Ctrl-C."""
 
-    from serve.launcher import LocalService
+    def __init__(self, tiny_models, places):
+        config = service_config(tiny_models, places / "store", places / "state")
+        args = config["applications"][0]["args"]
+        args["models"] = [m for m in args["models"] if m["id"] == "tiny"]
+        args["adapters"]["preload"] = []
+        args["auth"] = {"api_keys_env": "LIFECYCLE_INFER_KEYS", "admin_keys_env": "LIFECYCLE_ADMIN_KEYS"}
+        path = places / f"up-{time.monotonic_ns()}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.base_url = f"http://127.0.0.1:{config['http_options']['port']}"
+        env = {**os.environ, "LIFECYCLE_INFER_KEYS": INFER_KEY, "LIFECYCLE_ADMIN_KEYS": ADMIN_KEY,
+               "HF_HUB_OFFLINE": "1"}
+        self.log = open(places / f"{path.stem}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--config", str(path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.proc.poll() is None, "loraserve up exited early"
+            assert time.monotonic() < deadline, "service never became healthy"
+            time.sleep(1)
 
-    os.environ["LIFECYCLE_INFER_KEYS"] = INFER_KEY
-    os.environ["LIFECYCLE_ADMIN_KEYS"] = ADMIN_KEY
-    config = service_config(tiny_models, places / "store", places / "state")
-    args = config["applications"][0]["args"]
-    args["models"] = [m for m in args["models"] if m["id"] == "tiny"]
-    args["adapters"]["preload"] = []
-    args["auth"] = {"api_keys_env": "LIFECYCLE_INFER_KEYS", "admin_keys_env": "LIFECYCLE_ADMIN_KEYS"}
-    svc = LocalService(config, num_cpus=2).start()
-    svc.base_url = f"http://127.0.0.1:{config['http_options']['port']}"
-    return svc
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        assert self.proc.wait(timeout=90) == 0
 
 
 def clients(svc):
@@ -51,7 +72,7 @@ def clients(svc):
 
 
 def test_train_load_serve_restart_unload(tiny_models, places):
-    svc = start(tiny_models, places)
+    svc = Up(tiny_models, places)
     try:
         user, admin = clients(svc)
         # While the service runs: train a LoRA adapter with the CLI into the store root.
@@ -83,7 +104,7 @@ def test_train_load_serve_restart_unload(tiny_models, places):
     finally:
         svc.stop()
 
-    svc = start(tiny_models, places)  # a full restart: new Ray, new registry actor, same state dir
+    svc = Up(tiny_models, places)  # a full restart: new Ray, new registry actor, same state dir
     try:
         user, admin = clients(svc)
         models = {m["id"]: m for m in user.get("/v1/models").json()["data"]}

@@ -47,7 +47,6 @@ def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
     path = tmp_path / "up.yaml"
     path.write_text(yaml.safe_dump(config))
     port = config["http_options"]["port"]
-    haproxies_before = set(_processes_mentioning("haproxy.cfg"))
     log = open(tmp_path / "up.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "up", "--config", str(path)],
@@ -75,9 +74,10 @@ def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
             time.sleep(0.5)
         assert f"http://127.0.0.1:{port}/v1" in printed
         assert f"http://127.0.0.1:{args['metrics']['export_port']}/metrics" in printed
-        # this run's HAProxy (new since the start) and Ray session (its children's folder)
-        ours = set(_processes_mentioning("haproxy.cfg")) - haproxies_before
-        run_dirs = {m.group(1) for p in ours if (m := re.search(r"(loraserve-[^/\s]+)/", p))}
+        # this run's HAProxy (its config lies in the run folder the CLI printed; other services
+        # may run beside this test) and Ray session (its children's folder)
+        run_dirs = set(re.findall(r"run files (\S+)", printed))
+        assert any("haproxy" in p for d in run_dirs for p in _processes_mentioning(d)), run_dirs
         session = _session_of_children(proc.pid)
         assert run_dirs and session, (run_dirs, session)
     finally:

@@ -126,3 +126,18 @@ def test_cancelled_waiter_does_not_cancel_the_shared_load():
         first.cancel()
         assert await second == ref("x").key and ref("x").key in b.loaded
     run(main())
+
+
+def test_unregistered_while_loading_serves_its_waiters_then_goes():
+    async def main():
+        c, b = cache(4, load_s=0.05)
+        c.sync({"x": ref("x")})
+        waiter = asyncio.ensure_future(c.acquire(ref("x")))
+        await asyncio.sleep(0.01)
+        c.sync({})  # unloaded while the load is in flight
+        key = await waiter
+        assert key in b.loaded  # the waiting request is served
+        c.release(key)
+        await settle()
+        assert key not in b.loaded and c.resident() == []
+    run(main())

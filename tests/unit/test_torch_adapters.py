@@ -86,3 +86,48 @@ def test_remove_and_reload_give_identical_outputs(tiny_models, store):
     np.testing.assert_allclose(b.predict(rows), before, atol=1e-6)
     add(b, tiny_models, store, "cls-a", "classify", "embed")
     np.testing.assert_allclose(np.stack(b.predict(rows, ["cls-a"] * len(rows))), first, atol=1e-6)
+
+
+def test_loads_and_removals_beside_running_forward_passes_leave_outputs_exact(tiny_models, store):
+    """Slots let adapters come and go on another thread while batches run (stack growth and
+    rank growth included): a fixed adapter's rows stay exactly what they were."""
+    import threading
+
+    b = backend(tiny_models, "embed")
+    add(b, tiny_models, store, "cls-a", "classify", "embed")
+    rows = b.encode(TEXTS)
+    expected = np.stack(b.predict(rows, ["cls-a"] * len(TEXTS)))
+    mixed_expected = b.predict(rows, ["cls-a", None, "cls-a", None])
+    stop = threading.Event()
+    errors = []
+
+    def churn():
+        check_small = validate_adapter("emb-a", [store], base_shapes=base_weight_shapes(tiny_models["embed"]), task="embed", max_rank=64)
+        check_big = validate_adapter("cls-b", [store], base_shapes=base_weight_shapes(tiny_models["embed"]), task="classify", max_rank=64)
+        i = 0
+        try:
+            while not stop.is_set():
+                names = [f"churn-{i}-{k}" for k in range(5)]  # grows the slot stacks
+                for k, n in enumerate(names):
+                    if k % 2:
+                        b.add_adapter(n, check_big, "classify")  # rank 8: grows the rank
+                    else:
+                        b.add_adapter(n, check_small, "embed")
+                for n in names:
+                    b.remove_adapter(n)
+                i += 1
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(30):
+            np.testing.assert_array_equal(np.stack(b.predict(rows, ["cls-a"] * len(TEXTS))), expected)
+            got = b.predict(rows, ["cls-a", None, "cls-a", None])
+            for g, e in zip(got, mixed_expected):
+                np.testing.assert_allclose(g, e, atol=1e-6)
+    finally:
+        stop.set()
+        t.join(30)
+    assert errors == []
