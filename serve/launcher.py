@@ -115,10 +115,16 @@ class LocalService:
         busy = [f"{host}:{p} ({what})" for p, what in (
             (port, "HTTP"), (self.settings.metrics.export_port, "metrics export"),
         ) if _accepting(host if what == "HTTP" else "127.0.0.1", p)]
+        # Ray's direct-ingress servers bind their ports with SO_REUSEPORT too: a replica of
+        # another running service in the same range would silently take some of our traffic.
+        low, high = self.settings.ingress.direct_port_range
+        busy += [f"127.0.0.1:{p} (direct-ingress range)" for p in range(low, high + 1)
+                 if _accepting("127.0.0.1", p, timeout_s=0.05)][:3]
         if busy:
             raise RuntimeError(
                 f"already in use: {', '.join(busy)}. Is another loraserve running? Stop it or "
-                "choose other ports (http_options.port, args.metrics.export_port)."
+                "choose other ports (http_options.port, args.metrics.export_port, "
+                "args.ingress.direct_port_range)."
             )
 
     def stop(self) -> None:
@@ -175,11 +181,11 @@ def deploy(config: dict, timeout_s: float = 300.0) -> None:
         time.sleep(0.5)
 
 
-def _accepting(host: str, port: int) -> bool:
+def _accepting(host: str, port: int, timeout_s: float = 0.5) -> bool:
     import socket
 
     with socket.socket() as s:
-        s.settimeout(0.5)
+        s.settimeout(timeout_s)
         return s.connect_ex((host, port)) == 0
 
 

@@ -48,8 +48,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def service_config(tiny_models, store: Path, state_dir: Path) -> dict:
-    base = random.randrange(42000, 48000, 100)
+def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> dict:
+    """``band`` keeps replicas' direct-ingress ports of services that run at the same time apart
+    (0: the session's service; 1: the ones tests start beside it)."""
+    base = random.randrange(42000, 45000, 100) if band == 0 else random.randrange(45000, 48000, 100)
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": free_port()},

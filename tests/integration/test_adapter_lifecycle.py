@@ -36,7 +36,7 @@ class Up:
     """`loraserve up` on a config, in its own process group; ``stop()`` is Ctrl-C."""
 
     def __init__(self, tiny_models, places):
-        config = service_config(tiny_models, places / "store", places / "state")
+        config = service_config(tiny_models, places / "store", places / "state", band=1)
         args = config["applications"][0]["args"]
         args["models"] = [m for m in args["models"] if m["id"] == "tiny"]
         args["adapters"]["preload"] = []

@@ -40,7 +40,7 @@ def _session_of_children(pid: int) -> str | None:
 
 
 def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
-    config = service_config(tiny_models, tmp_path / "store", tmp_path / "state")
+    config = service_config(tiny_models, tmp_path / "store", tmp_path / "state", band=1)
     args = config["applications"][0]["args"]
     args["models"] = [m for m in args["models"] if m["id"] == "tiny"]
     args["adapters"]["preload"] = []  # the demo adapters are on minilm

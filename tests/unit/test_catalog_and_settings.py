@@ -79,3 +79,24 @@ def test_launcher_refuses_a_busy_port_before_starting_anything():
                                     "args": {"models": [{"id": "m", "source": "/nowhere", "task": "embed"}]}}]}
         with pytest.raises(RuntimeError, match=f"127.0.0.1:{port} \\(HTTP\\)"):
             LocalService(config).start()
+
+
+def test_launcher_refuses_a_busy_direct_ingress_range():
+    import socket
+
+    from serve.launcher import LocalService
+
+    with socket.socket() as busy, socket.socket() as free:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        free.bind(("127.0.0.1", 0))
+        http = free.getsockname()[1]
+        free.close()
+        config = {"http_options": {"host": "127.0.0.1", "port": http},
+                  "applications": [{"name": "x", "import_path": "serve.app:build_app", "args": {
+                      "metrics": {"export_port": http},
+                      "ingress": {"direct_port_range": [taken - 1, taken + 1]},
+                      "models": [{"id": "m", "source": "/nowhere", "task": "embed"}]}}]}
+        with pytest.raises(RuntimeError, match=f"127.0.0.1:{taken} \\(direct-ingress range\\)"):
+            LocalService(config).start()
