@@ -54,6 +54,9 @@ def ray_env(settings: AppSettings, run_dir: Path) -> dict[str, str]:
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if ing.throughput_optimized else "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ing.direct_port_range[0]),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ing.direct_port_range[1]),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(ing.direct_grpc_port_range[0]),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(ing.direct_grpc_port_range[1]),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(ing.fallback_port),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(ing.drain_s),
         "RAY_USAGE_STATS_ENABLED": "0",
         # Relative adapter store and state paths mean the same thing in every Ray process.
@@ -112,19 +115,22 @@ class LocalService:
         start without error and silently share the traffic of the first: refuse instead."""
         http = self.config.get("http_options") or {}
         host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+        ing = self.settings.ingress
         busy = [f"{host}:{p} ({what})" for p, what in (
             (port, "HTTP"), (self.settings.metrics.export_port, "metrics export"),
+            (ing.fallback_port, "Ray's fallback proxy"),
         ) if _accepting(host if what == "HTTP" else "127.0.0.1", p)]
-        # Ray's direct-ingress servers bind their ports with SO_REUSEPORT too: a replica of
-        # another running service in the same range would silently take some of our traffic.
-        low, high = self.settings.ingress.direct_port_range
-        busy += [f"127.0.0.1:{p} (direct-ingress range)" for p in range(low, high + 1)
-                 if _accepting("127.0.0.1", p, timeout_s=0.05)][:3]
+        # Ray's direct-ingress servers (HTTP and gRPC) and its fallback proxy bind with
+        # SO_REUSEPORT too: those of another running service would silently take our traffic.
+        for (low, high), what in ((ing.direct_port_range, "direct-ingress range"),
+                                  (ing.direct_grpc_port_range, "gRPC range")):
+            busy += [f"127.0.0.1:{p} ({what})" for p in range(low, high + 1)
+                     if _accepting("127.0.0.1", p, timeout_s=0.05)][:3]
         if busy:
             raise RuntimeError(
                 f"already in use: {', '.join(busy)}. Is another loraserve running? Stop it or "
                 "choose other ports (http_options.port, args.metrics.export_port, "
-                "args.ingress.direct_port_range)."
+                "args.ingress: direct_port_range, direct_grpc_port_range, fallback_port)."
             )
 
     def stop(self) -> None:

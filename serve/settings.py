@@ -193,6 +193,13 @@ class IngressSettings(_Strict):
     direct_port_range: tuple[int, int] = Field(
         (30000, 30999), description="Ports the replicas' direct-ingress servers may take."
     )
+    direct_grpc_port_range: tuple[int, int] = Field(
+        (40000, 40999), description="Ports the replicas' gRPC servers (handle calls) may take."
+    )
+    fallback_port: int = Field(
+        8500, ge=1, le=65535,
+        description="Ray's Python proxy, which HAProxy uses as a backup while no replica is up.",
+    )
 
 
 class AppSettings(_Strict):

@@ -42,16 +42,30 @@ def adapter_store(tiny_models, tmp_path_factory):
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Every port a test service listens on lies below the kernel's ephemeral range (32768+): Ray's
+# processes keep binding ephemeral ports, and a port taken after we picked it would be shared,
+# not refused, since HAProxy and Ray's direct-ingress servers bind with SO_REUSEPORT.
+_picked: set[int] = set()
+
+
+def free_port(low: int = 26000, high: int = 32000) -> int:
+    while True:
+        port = random.randrange(low, high)
+        if port in _picked:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _picked.add(port)
+        return port
 
 
 def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> dict:
     """``band`` keeps replicas' direct-ingress ports of services that run at the same time apart
     (0: the session's service; 1: the ones tests start beside it)."""
-    base = random.randrange(42000, 45000, 100) if band == 0 else random.randrange(45000, 48000, 100)
+    base = random.randrange(20000, 23000, 200) if band == 0 else random.randrange(23000, 26000, 200)
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": free_port()},
@@ -66,6 +80,8 @@ def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> 
                         "haproxy_stats_port": free_port(),
                         "haproxy_metrics_port": free_port(),
                         "direct_port_range": [base, base + 99],
+                        "direct_grpc_port_range": [base + 100, base + 199],
+                        "fallback_port": free_port(),
                     },
                     "limits": {"max_body_bytes": MAX_BODY, "max_inputs": MAX_INPUTS},
                     "auth": {"admin_keys_env": ADMIN_ENV},
