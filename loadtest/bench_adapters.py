@@ -52,7 +52,6 @@ import json
 import multiprocessing
 import os
 import random
-import shlex
 import shutil
 import socket
 import statistics
@@ -146,17 +145,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _rel(path: str) -> str:
-    try:
-        return os.path.relpath(path, REPO) if Path(path).is_relative_to(REPO) else path
-    except ValueError:
-        return path
-
-
-def command_line(argv: list[str]) -> str:
-    return shlex.join([_rel(sys.executable), _rel(str(Path(sys.argv[0]).resolve())), *argv])
 
 
 # -- 1. adapters -------------------------------------------------------------------------------
@@ -1240,7 +1228,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.warmup:g} s unrecorded warm-up ({args.warmup_max:g} s for N={max(args.ns)}), then "
         f"{args.duration:g} s measured per point" + (" (--quick smoke run)" if args.quick else "")))
     notes.insert(1, (
-        f"service: {_rel(args.config)} with free ports (HAProxy ingress, 2 Router replicas x 1 torch "
+        f"service: {report.rel(args.config)} with free ports (HAProxy ingress, 2 Router replicas x 1 torch "
         f"thread, max_batch_size 32, max_wait_ms 0), minilm adapters_per_replica {args.capacity}, "
         "max_rank 64; started in-process with serve.launcher.LocalService; "
         f"RAY_metrics_report_interval_ms={args.metrics_interval_ms}"))
@@ -1299,12 +1287,12 @@ def main(argv: list[str] | None = None) -> int:
     raw.update(mixed=mixed, grouped=grouped, hot=hot, router_rss=rss_rows, bars=bar_res)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = report.machine_header(command_line(argv), notes)
+    header = report.machine_header(report.command_line(argv), notes)
     header = TITLE + header.split("\n", 1)[1]
     out.write_text(header + "\n" + text + "\n")
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print(text)
-    print(f"\nwritten to {_rel(str(out))} and {_rel(str(out.with_suffix('.json')))}")
+    print(f"\nwritten to {report.rel(str(out))} and {report.rel(str(out.with_suffix('.json')))}")
     hot_fail = any(hot.get(k, {}).get("failures") for k in ("idle", "busy"))
     bg_err = hot.get("busy", {}).get("background", {}).get("errors", 0)
     return 1 if problems or errors or hot_fail or bg_err else 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -70,17 +69,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"bad --setups {sorted(unknown)} or --concurrency {a.concurrency!r}")
     a.config = str(Path(a.config).resolve())
     return a
-
-
-def _rel(path: str) -> str:
-    try:
-        return os.path.relpath(path, REPO) if Path(path).is_relative_to(REPO) else path
-    except ValueError:
-        return path
-
-
-def command_line(argv: list[str]) -> str:
-    return shlex.join([_rel(sys.executable), _rel(str(Path(sys.argv[0]).resolve())), *argv])
 
 
 def sweep(name: str, url: str, body: bytes, args) -> list[tuple[str, LoadResult]]:
@@ -207,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ])
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.machine_header(command_line(argv), notes) + "\n" + text + "\n")
+    out.write_text(report.machine_header(report.command_line(argv), notes) + "\n" + text + "\n")
     print(text)
-    print(f"\nwritten to {_rel(str(out))}")
+    print(f"\nwritten to {report.rel(str(out))}")
     failed = any("FAILED" in n for n in notes) or any(r.errors for _, r in rows)
     return 1 if failed else 0
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -15,6 +17,20 @@ from cpuwatch import BUSY
 from httpload import LoadResult
 
 Row = tuple[str, LoadResult]  # (setup label, result)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rel(path: str) -> str:
+    """A path relative to the repo when it lies inside it (for reports)."""
+    try:
+        return os.path.relpath(path, REPO) if Path(path).is_relative_to(REPO) else path
+    except ValueError:
+        return path
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that produced a report, as a user would type it from the repo root."""
+    return shlex.join([rel(sys.executable), rel(str(Path(sys.argv[0]).resolve())), *argv])
 
 
 def _cpu_model() -> str:

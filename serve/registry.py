@@ -224,15 +224,10 @@ class RegistryCore:
 
 
 def registry_actor_class():
-    """The Ray actor class (built lazily so this module imports without Ray)."""
+    """``RegistryCore`` as a Ray actor class (built lazily so this module imports without Ray)."""
     import ray
 
-    @ray.remote(num_cpus=0, max_restarts=-1)
-    class AdapterRegistry(RegistryCore):
-        async def ping(self) -> bool:
-            return True
-
-    return AdapterRegistry
+    return ray.remote(num_cpus=0, max_restarts=-1)(RegistryCore)
 
 
 def registry_name(state_dir: Path) -> str:

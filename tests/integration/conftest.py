@@ -148,3 +148,32 @@ def admin(service):
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     with httpx.Client(base_url=service.base_url, timeout=60, headers=headers) as c:
         yield c
+
+
+def start_up(config: dict, folder: Path, env: dict | None = None):
+    """`loraserve up` on ``config`` in a subprocess (its own Ray, its own process group), once
+    its /health answers. Returns (process, log file, base URL)."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    path = folder / f"up-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    base_url = f"http://127.0.0.1:{config['http_options']['port']}"
+    log = open(path.with_suffix(".log"), "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--config", str(path)],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return proc, log, base_url
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, "loraserve up exited early"
+        assert time.monotonic() < deadline, "service never became healthy"
+        time.sleep(1)

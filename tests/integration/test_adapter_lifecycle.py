@@ -8,7 +8,6 @@ its registry state in a temporary directory shared by both starts. It runs as `l
 in a subprocess (its own Ray), so it neither disturbs nor depends on the session's service.
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,9 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.integration.conftest import service_config
+from tests.integration.conftest import service_config, start_up
 
 REPO = Path(__file__).resolve().parents[2]
 INFER_KEY, ADMIN_KEY = "infer-key-1", "admin-key-1"
@@ -33,7 +31,7 @@ def places(tmp_path_factory):
 
 
 class Up:
-    """`loraserve up` on a config, in its own process group; ``stop()`` is Ctrl-C."""
+    """`loraserve up` with inference and admin keys; ``stop()`` is Ctrl-C."""
 
     def __init__(self, tiny_models, places):
         config = service_config(tiny_models, places / "store", places / "state", band=1)
@@ -41,25 +39,8 @@ class Up:
         args["models"] = [m for m in args["models"] if m["id"] == "tiny"]
         args["adapters"]["preload"] = []
         args["auth"] = {"api_keys_env": "LIFECYCLE_INFER_KEYS", "admin_keys_env": "LIFECYCLE_ADMIN_KEYS"}
-        path = places / f"up-{time.monotonic_ns()}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.base_url = f"http://127.0.0.1:{config['http_options']['port']}"
-        env = {**os.environ, "LIFECYCLE_INFER_KEYS": INFER_KEY, "LIFECYCLE_ADMIN_KEYS": ADMIN_KEY,
-               "HF_HUB_OFFLINE": "1"}
-        self.log = open(places / f"{path.stem}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--config", str(path)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, "loraserve up exited early"
-            assert time.monotonic() < deadline, "service never became healthy"
-            time.sleep(1)
+        env = {"LIFECYCLE_INFER_KEYS": INFER_KEY, "LIFECYCLE_ADMIN_KEYS": ADMIN_KEY}
+        self.proc, self.log, self.base_url = start_up(config, places, env)
 
     def stop(self):
         self.proc.send_signal(signal.SIGINT)

@@ -1,17 +1,13 @@
 """`loraserve up` (what `make up` runs): serves, prints its URLs, and Ctrl-C leaves nothing behind."""
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-import yaml
 
-from tests.integration.conftest import service_config
+from tests.integration.conftest import service_config, start_up
 
 
 def _processes_mentioning(fragment: str) -> list[str]:
@@ -44,26 +40,10 @@ def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
     args = config["applications"][0]["args"]
     args["models"] = [m for m in args["models"] if m["id"] == "tiny"]
     args["adapters"]["preload"] = []  # the demo adapters are on minilm
-    path = tmp_path / "up.yaml"
-    path.write_text(yaml.safe_dump(config))
     port = config["http_options"]["port"]
-    log = open(tmp_path / "up.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "up", "--config", str(path)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        start_new_session=True,
-    )
+    proc, log, _ = start_up(config, tmp_path)
+    deadline = time.monotonic() + 60
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "loraserve up exited early"
-            assert time.monotonic() < deadline, "service never became healthy"
-            time.sleep(1)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "tiny", "input": "up"})
         assert r.status_code == 200
         while True:  # the URLs are printed once Serve reports the app RUNNING

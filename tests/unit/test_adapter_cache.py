@@ -121,7 +121,8 @@ def test_cancelled_waiter_does_not_cancel_the_shared_load():
     async def main():
         c, b = cache(4, load_s=0.05)
         first = asyncio.ensure_future(c.acquire(ref("x")))
-        await asyncio.sleep(0.01)
+        while not b.calls:  # the shared load has started
+            await asyncio.sleep(0)
         second = asyncio.ensure_future(c.acquire(ref("x")))
         first.cancel()
         assert await second == ref("x").key and ref("x").key in b.loaded
@@ -133,7 +134,8 @@ def test_unregistered_while_loading_serves_its_waiters_then_goes():
         c, b = cache(4, load_s=0.05)
         c.sync({"x": ref("x")})
         waiter = asyncio.ensure_future(c.acquire(ref("x")))
-        await asyncio.sleep(0.01)
+        while not b.calls:  # the load is in flight
+            await asyncio.sleep(0)
         c.sync({})  # unloaded while the load is in flight
         key = await waiter
         assert key in b.loaded  # the waiting request is served

@@ -16,10 +16,12 @@ class RecordingModel:
     def __init__(self, fail_on=None):
         self.batches = []
         self.adapters = []
+        self.entered = __import__("threading").Event()  # a forward pass has started
         self.fail_on = fail_on
         self.gate = None
 
     def __call__(self, rows, adapters=None):
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(5)
         self.batches.append([list(r) for r in rows])
@@ -133,10 +135,12 @@ def test_rows_of_different_adapters_share_a_batch_unless_split():
         model.gate = __import__("threading").Event()
         b = Batcher(model, BatchingSpec(max_batch_size=8, split_by_adapter=split))
         first = asyncio.ensure_future(b.submit([[0]], None))  # occupies the model thread
-        await asyncio.sleep(0.05)
+        while not model.entered.is_set():
+            await asyncio.sleep(0)
         rest = [asyncio.ensure_future(b.submit([[i]], a)) for i, a in
                 [(1, "x"), (2, None), (3, "y"), (4, "x")]]
-        await asyncio.sleep(0.05)
+        while b.queued_rows < 4:  # all four wait while the first batch holds the model
+            await asyncio.sleep(0)
         model.gate.set()
         await asyncio.gather(first, *rest)
         b.close()
