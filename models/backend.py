@@ -91,8 +91,10 @@ def max_input_tokens(spec: ModelSpec, path: Path, tokenizer, config) -> int:
     return int(min(limits))
 
 
-def create_backend(spec: ModelSpec, variant: str) -> Backend:
-    """The single factory: pick the implementation for a variant. Nothing is loaded yet."""
+def create_backend(spec: ModelSpec, variant: str, variant_cache: Path | None = None) -> Backend:
+    """The single factory: pick the implementation for a variant. Nothing is loaded yet, except
+    that an ONNX variant missing from ``variant_cache`` is built first (``models.onnx_export``;
+    ``loraserve up`` builds them before any replica starts)."""
     from models.sources import resolve_source
 
     if variant not in spec.variants:
@@ -105,4 +107,11 @@ def create_backend(spec: ModelSpec, variant: str) -> Backend:
         from models.torch_backend import TorchBackend
 
         return TorchBackend(spec, path)
+    if variant in ("onnx", "onnx-int8"):
+        from models.onnx_backend import OnnxBackend
+        from models.onnx_export import ensure_variants
+
+        if variant_cache is None:
+            raise ModelLoadError(f"no variant cache folder given for {spec.id}@{variant}")
+        return OnnxBackend(spec, path, variant, ensure_variants(spec, variant_cache) / variant)
     raise VariantNotFound(f"variant {variant!r} is not available in this build", param="model")

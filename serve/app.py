@@ -23,7 +23,10 @@ def build_app(args: dict) -> Application:
         for variant in spec.variants:
             handles[f"{spec.id}@{variant}"] = ModelServerDeployment.options(
                 name=deployment_name(spec.id, variant), **spec.deployment.deployment_options()
-            ).bind(spec.model_dump(mode="json"), variant, settings.adapters.model_dump(mode="json"))
+            ).bind(
+                spec.model_dump(mode="json"), variant, settings.adapters.model_dump(mode="json"),
+                settings.variants.model_dump(mode="json"),
+            )
     return Router.options(**settings.router.deployment_options()).bind(
         settings.model_dump(mode="json"), handles
     )

@@ -59,6 +59,11 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.batches_run = 0
 
+    def set_runner(self, run_batch: RunBatch) -> None:
+        """Run later batches with ``run_batch`` (a replaced variant); a batch in flight
+        finishes on the old one."""
+        self._run = run_batch
+
     @property
     def queued_rows(self) -> int:
         return len(self._queue)

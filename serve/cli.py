@@ -2,6 +2,9 @@
 
 - ``loraserve up [--config deploy/local.yaml]``: start the service from a Serve config file;
   Ctrl-C (or SIGTERM) shuts Serve and Ray down, and no Ray process is left behind.
+- ``loraserve export [--config deploy/local.yaml] [--force]``: build (or find in the cache) the
+  ONNX variants the config serves, with progress and each variant's parity result; ``--force``
+  rebuilds and replaces the files, which running replicas pick up once the new ones pass parity.
 - ``loraserve train --train data.jsonl --out adapters/NAME [...]``: fine-tune a LoRA
   classification adapter (``models.finetune``; ``loraserve train --help`` lists the options).
 """
@@ -49,6 +52,15 @@ def _up(args: argparse.Namespace) -> int:
         service.stop()
 
 
+def _export(args: argparse.Namespace) -> int:
+    from serve.settings import AppSettings
+
+    settings = AppSettings.model_validate(launcher.app_args(launcher.load_config(args.config)))
+    ok = launcher.prepare_variants(settings, force=args.force)
+    print(f"variant cache: {settings.variants.cache_path()}", flush=True)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # its own parser lives with the training code (Ray-free)
@@ -60,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start Ray locally and serve a Serve config file")
     up.add_argument("--config", default=launcher.DEFAULT_CONFIG)
     up.set_defaults(func=_up)
+    export = sub.add_parser("export", help="build the ONNX variants of the config's models")
+    export.add_argument("--config", default=launcher.DEFAULT_CONFIG)
+    export.add_argument("--force", action="store_true", help="rebuild even when cached")
+    export.set_defaults(func=_export)
     sub.add_parser("train", help="fine-tune a LoRA adapter (see `loraserve train --help`)")
     args = parser.parse_args(argv)
     return args.func(args)

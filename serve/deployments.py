@@ -15,6 +15,7 @@ batch mixes them (``serve.adapter_cache``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 
@@ -25,7 +26,8 @@ from serve.errors import as_service_error
 from serve.metrics import ModelMetrics
 from serve.model_server import ModelServer, Outputs
 from serve.registry import RegistryClient, get_or_create_registry
-from serve.settings import AdapterSettings, ServedModel
+from models.backend import create_backend
+from serve.settings import AdapterSettings, ServedModel, VariantSettings
 
 log = logging.getLogger("loraserve")
 
@@ -94,13 +96,17 @@ async def _preload(server: ModelServer, refs: list[AdapterRef]) -> None:
 
 @serve.deployment
 class ModelServerDeployment:
-    async def __init__(self, spec: dict, variant: str, adapters: dict | None = None):
+    async def __init__(
+        self, spec: dict, variant: str, adapters: dict | None = None, variants: dict | None = None
+    ):
         model = ServedModel.model_validate(spec)
         settings = AdapterSettings.model_validate(adapters or {})
+        cache = VariantSettings.model_validate(variants or {}).cache_path()
         self._client: RegistryClient | None = None
         self.server = ModelServer(
             model, variant, observer=ModelMetrics(model.id, variant),
             store_roots=settings.store_roots(), on_residency=self._residency,
+            backend_factory=functools.partial(create_backend, variant_cache=cache),
         ).load()
         self._client = await start_registry(settings, {(model.id, variant): self.server})
         await self._client.start()
@@ -121,6 +127,9 @@ class ModelServerDeployment:
 
     def describe(self) -> dict:
         return self.server.describe()
+
+    def variant_info(self) -> dict:
+        return self.server.variant_info()
 
     def check_health(self) -> None:
         if not self.server.alive():
@@ -161,6 +170,10 @@ class RemoteModelServer:
 
     async def health(self) -> None:
         await self.handle.health.remote()
+
+    async def variant_info(self) -> dict:
+        """What one replica of the deployment reports (replicas open the same files)."""
+        return await self.handle.variant_info.remote()
 
     def alive(self) -> bool:
         return True  # its own replicas are health-checked by Serve

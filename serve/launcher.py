@@ -95,6 +95,7 @@ class LocalService:
         import ray
 
         self._check_ports_free()
+        prepare_variants(self.settings)
         for key, value in ray_env(self.settings, self.run_dir).items():
             self._saved_env[key] = os.environ.get(key)
             os.environ[key] = value
@@ -158,6 +159,47 @@ class LocalService:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def prepare_variants(settings: AppSettings, force: bool = False) -> bool:
+    """Build the ONNX variants the config serves (cached: later starts only check the hash),
+    in a child process so this one does not keep torch and optimum in memory. A model whose
+    variants cannot be built is reported and served without them (they show as failed)."""
+    import multiprocessing
+
+    specs = [s.model_dump(mode="json") for s in settings.models
+             if {"onnx", "onnx-int8"} & set(s.variants)]
+    if not specs:
+        return True
+    child = multiprocessing.get_context("spawn").Process(
+        target=_prepare_child, args=(specs, str(settings.variants.cache_path()), force),
+        name="loraserve-variants",
+    )
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        log.error("building ONNX variants failed (exit code %s, see above); those variants will "
+                  "show as failed in /v1/models", child.exitcode)
+    return child.exitcode == 0
+
+
+def _prepare_child(specs: list[dict], cache: str, force: bool) -> None:
+    import sys
+
+    from models.onnx_export import ensure_variants
+    from serve.settings import ServedModel
+
+    failed = False
+    for raw in specs:
+        spec = ServedModel.model_validate(raw)
+        try:
+            ensure_variants(spec, Path(cache), force=force,
+                            progress=lambda msg: print(f"  {msg}", flush=True))
+        except Exception as exc:
+            print(f"  {spec.id}: building ONNX variants failed: {exc}", file=sys.stderr, flush=True)
+            failed = True
+    if failed:
+        sys.exit(1)
 
 
 def deploy(config: dict, timeout_s: float = 300.0) -> None:

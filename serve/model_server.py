@@ -6,11 +6,20 @@ A request may name an adapter (an ``AdapterRef`` the Router resolved from the re
 made resident in this replica's ``AdapterCache`` (loaded lazily, on the model thread), held
 while the request's rows are in flight, and its rows ride in the same batches as every other
 adapter's and the bare base's.
+
+ONNX variants (``onnx``, ``onnx-int8``) pass the parity gate (``models.parity``) before they
+serve; one that fails to open or to match torch stays in the catalog with ``status: failed`` and
+its reason (``variant_info``, shown by ``GET /v1/models``), answers 503 ``variant_unavailable``,
+and never takes the replica down. A watcher notices when the variant's files are replaced, opens
+and checks the new ones beside the serving session (off the request path), and swaps them in
+between two batches only if they pass; otherwise the old session keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,12 +34,16 @@ from models.errors import (
     NotReady,
     ServiceError,
     TaskNotSupported,
+    VariantUnavailable,
 )
 from models.postprocess import shorten_embeddings
 from models.spec import ModelSpec
 from models.tokenization import Input
 from serve.adapter_cache import AdapterCache
 from serve.batching import Batcher
+
+log = logging.getLogger("loraserve")
+ONNX = ("onnx", "onnx-int8")
 
 
 async def _within(coro, timeout_s: float):
@@ -80,15 +93,32 @@ class ModelServer:
         self.backend: Backend | None = None
         self.batcher: Batcher | None = None
         self.adapters: AdapterCache | None = None
+        self.info: dict = {"status": "loading"}
+        self._loaded: dict[str, tuple] = {}  # adapter key -> add_adapter args (for a reload)
+        self._watcher: asyncio.Task | None = None
+        self._signature = None  # of the variant files last opened (ONNX)
 
     def load(self) -> "ModelServer":
-        backend = self._factory(self.spec, self.variant)
-        backend.load()
-        self.backend = backend
+        """Open the backend. A torch failure raises (the replica cannot serve); an ONNX variant
+        that fails to open or fails parity is recorded as failed and the replica serves on."""
+        backend = None
+        try:
+            backend = self._factory(self.spec, self.variant)
+            self._signature = getattr(backend, "signature", lambda: None)()
+            parity = self._open(backend)
+        except Exception as exc:
+            if self.variant not in ONNX:
+                raise
+            self._fail(exc)
+        else:
+            self.backend = backend
+            self.info = self._serving_info(backend, parity)
         self.batcher = Batcher(
-            backend.predict, self.spec.batching, self._observer,
+            self._unavailable, self.spec.batching, self._observer,
             name=f"{self.spec.id}-{self.variant}", split_by_adapter=self._split,
         )
+        if self.backend is not None:
+            self.batcher.set_runner(self.backend.predict)
         self.adapters = AdapterCache(
             self.spec.adapters.adapters_per_replica,
             self._load_adapter,
@@ -96,7 +126,109 @@ class ModelServer:
             observer=self._observer,
             on_residency=self._on_residency,
         )
+        if self.variant in ONNX and self.spec.onnx.reload_poll_s > 0:
+            try:
+                self._watcher = asyncio.get_running_loop().create_task(self._watch())
+            except RuntimeError:  # no event loop (offline use): no watching
+                pass
         return self
+
+    # -- variants ----------------------------------------------------------------------------
+    def _open(self, backend: Backend) -> dict | None:
+        """Load ``backend``; for an ONNX variant, run the parity gate. Returns the parity
+        result; raises ``VariantUnavailable`` (with it) when the variant must not serve."""
+        backend.load()
+        if self.variant not in ONNX:
+            return None
+        from models.onnx_export import reference_for
+        from models.parity import compare, run_probe
+
+        reference = reference_for(self.spec, backend)
+        parity = compare(self.variant, self.spec.task, run_probe(backend), reference,
+                         self.spec.onnx.parity)
+        if not parity["passed"]:
+            err = VariantUnavailable(f"{self.spec.id}@{self.variant} is not served: {parity['reason']}")
+            err.parity = parity
+            raise err
+        return parity
+
+    def _serving_info(self, backend: Backend, parity: dict | None) -> dict:
+        info = {"status": "serving", "parity": parity or {"reference": True}}
+        files = getattr(backend, "file_sha256", None)
+        if files:
+            info["files"] = {name: sha[:16] for name, sha in files.items()}
+        info["loaded_at"] = int(time.time())
+        return info
+
+    def _fail(self, exc: Exception) -> None:
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        self.info = {"status": "failed", "reason": message, "parity": getattr(exc, "parity", None),
+                     "failed_at": int(time.time())}
+        log.error("%s@%s does not serve: %s", self.spec.id, self.variant, message)
+
+    def _unavailable(self, rows, adapters=None):
+        raise VariantUnavailable(self.info.get("reason", "variant not loaded"), param="model")
+
+    def variant_info(self) -> dict:
+        return dict(self.info)
+
+    async def _watch(self) -> None:
+        """Poll the variant files; when they change (and then hold still for a moment), try
+        them: a reload that fails leaves the serving session as it was."""
+        poll = self.spec.onnx.reload_poll_s
+        while True:
+            await asyncio.sleep(poll)
+            try:
+                sig = self._current_signature()
+                if sig is None or sig == self._signature:
+                    continue
+                await asyncio.sleep(min(poll, 0.5))  # a copy in progress: wait until it settles
+                if self._current_signature() != sig:
+                    continue
+                await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the watcher must outlive any one bad replacement
+                log.exception("variant watcher of %s@%s", self.spec.id, self.variant)
+
+    def _current_signature(self):
+        probe = self.backend
+        if probe is None:  # failed at start: look at the files it would have opened
+            probe = self._factory(self.spec, self.variant)
+        return getattr(probe, "signature", lambda: None)()
+
+    async def reload(self) -> dict:
+        """Open the variant's current files beside the serving backend; swap them in between
+        batches if they pass parity, with every resident adapter re-added first."""
+        loop = asyncio.get_running_loop()
+        new = self._factory(self.spec, self.variant)
+        sig = getattr(new, "signature", lambda: None)()
+        self._signature = sig  # tried once per change, pass or fail
+        try:
+            parity = await loop.run_in_executor(None, self._open, new)
+            while True:  # adapters loaded meanwhile are added too, then the swap is atomic
+                missing = {k: v for k, v in self._loaded.items() if k not in new_keys(new)}
+                if not missing:
+                    break
+                for key, args in missing.items():
+                    await loop.run_in_executor(None, new.add_adapter, key, *args)
+        except Exception as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            self.info = {**self.info, "last_reload": {"result": "rejected", "reason": message,
+                                                      "at": int(time.time())}}
+            if self.backend is None:
+                self._fail(exc)
+            log.error("replacement files of %s@%s rejected, the serving ones stay: %s",
+                      self.spec.id, self.variant, message)
+            return self.variant_info()
+        for key in set(new_keys(new)) - set(self._loaded):
+            new.remove_adapter(key)  # unloaded while the new backend was being prepared
+        self.backend = new
+        self.batcher.set_runner(new.predict)
+        self.info = {**self._serving_info(new, parity),
+                     "last_reload": {"result": "replaced", "at": int(time.time())}}
+        log.info("%s@%s now serves its replaced files (parity passed)", self.spec.id, self.variant)
+        return self.variant_info()
 
     # -- adapters ----------------------------------------------------------------------------
     async def _load_adapter(self, ref: AdapterRef) -> None:
@@ -113,7 +245,11 @@ class ModelServer:
                 f"adapter {ref.name!r}: its files changed since it was registered; register it "
                 "again (replace: true)"
             )
-        await self._adapter_call(b.add_adapter, ref.key, check, ref.task, ref.labels)
+        args = (check, ref.task, ref.labels)
+        await self._adapter_call(b.add_adapter, ref.key, *args)
+        self._loaded[ref.key] = args
+        if self.backend is not b:  # the variant was swapped during the load
+            await self._adapter_call(self.backend.add_adapter, ref.key, *args)
 
     def _validate(self, ref: AdapterRef):
         if self._base_shapes is None:
@@ -124,6 +260,7 @@ class ModelServer:
         )
 
     def _unload_adapter(self, key: str):
+        self._loaded.pop(key, None)
         return self._adapter_call(self.backend.remove_adapter, key)
 
     def _adapter_call(self, fn, *args):
@@ -183,9 +320,14 @@ class ModelServer:
         await self.batcher.submit(b.encode(["health check"]))
 
     def alive(self) -> bool:
-        return self.backend is not None and self.batcher is not None and self.batcher.alive()
+        """Able to serve, or failed on purpose (a failed variant must not get the replica
+        restarted over and over)."""
+        loaded = self.backend is not None or self.info.get("status") == "failed"
+        return loaded and self.batcher is not None and self.batcher.alive()
 
     def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.batcher is not None:
             self.batcher.close()
         if self.backend is not None:
@@ -222,6 +364,14 @@ class ModelServer:
             raise TaskNotSupported(f"{what} serves task {served!r}, not {task!r}", param="model")
 
     def _ready(self) -> Backend:
+        if self.info.get("status") == "failed" and self.backend is None:
+            raise VariantUnavailable(self.info["reason"], param="model")
         if self.backend is None or self.batcher is None:
             raise NotReady(f"model {self.spec.id!r} ({self.variant}) is not loaded yet")
         return self.backend
+
+
+def new_keys(backend: Backend) -> list[str]:
+    """Adapters loaded in a backend (both implementations keep them in ``tasks``)."""
+    slots = getattr(backend, "slots", None) or getattr(backend, "lora", None)
+    return list(slots.tasks) if slots is not None else []

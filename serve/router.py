@@ -16,6 +16,7 @@ FastAPI must see real annotation objects (``Request``), not strings.
 
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -30,8 +31,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from models.adapters import AdapterRef
+from models.backend import create_backend
 from models.catalog import Catalog, Resolved
-from models.errors import InvalidRequest, NotFound, NotReady, ServiceError, TooManyInputs
+from models.errors import (
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    ServiceError,
+    TooManyInputs,
+    VariantUnavailable,
+)
 from models.target import Target
 from serve.adapter_admin import AdapterInspector
 from serve.deployments import RemoteModelServer, start_registry
@@ -181,15 +190,21 @@ class RouterCore:
         )
         return classify_response(rid, int(time.time()), req.model, out.values, out.labels, out.tokens)
 
-    def models(self) -> dict:
+    async def variant_info(self, spec, variant: str) -> dict:
+        server = self.servers[(spec.id, variant)]
+        try:
+            info = server.variant_info()
+            if asyncio.iscoroutine(info):
+                info = await asyncio.wait_for(info, self.settings.limits.health_timeout_s)
+        except Exception as exc:
+            info = {"status": "unknown", "reason": as_service_error(exc).message}
+        return {"name": variant, "default": variant == spec.default_variant, **info}
+
+    async def models(self) -> dict:
         data = []
         variants = {}
         for spec in self.catalog.specs:
-            variants[spec.id] = [
-                {"name": v, "default": v == spec.default_variant, "status": "serving",
-                 "parity": {"reference": True} if v == "torch" else None}
-                for v in spec.variants
-            ]
+            variants[spec.id] = [await self.variant_info(spec, v) for v in spec.variants]
             data.append(
                 {
                     "id": spec.id,
@@ -285,10 +300,14 @@ class RouterCore:
                 try:
                     await asyncio.wait_for(self.servers[(spec.id, variant)].health(), timeout)
                     report[key] = "ok"
-                except Exception as exc:  # any failure makes the service unhealthy
+                except Exception as exc:
                     report[key] = as_service_error(exc).message if not isinstance(
                         exc, asyncio.TimeoutError) else f"no answer within {timeout:g} s"
-                    failed.append(key)
+                    # A variant that failed its load or parity is a known, reported state
+                    # (503 for its requests, reason in /v1/models); any other failure, or the
+                    # default variant failing, makes the service unhealthy.
+                    if not isinstance(exc, VariantUnavailable) or variant == spec.default_variant:
+                        failed.append(key)
         if failed:
             return _error(NotReady(f"unhealthy: {', '.join(f'{k}: {report[k]}' for k in failed)}"))
         return _json(200, {"status": "ok", "models": report})
@@ -303,12 +322,14 @@ def build_servers(
 ) -> dict[tuple[str, str], object]:
     servers: dict[tuple[str, str], object] = {}
     roots = settings.adapters.store_roots()
+    factory = functools.partial(create_backend, variant_cache=settings.variants.cache_path())
     for spec in settings.models:
         for variant in spec.variants:
             if spec.placement == "colocated":
                 observer = ModelMetrics(spec.id, variant)
                 servers[(spec.id, variant)] = ModelServer(
                     spec, variant, observer=observer, store_roots=roots, on_residency=on_residency,
+                    backend_factory=factory,
                 ).load()
             else:
                 handle = handles[f"{spec.id}@{variant}"]
@@ -349,7 +370,7 @@ class Router:
             check_api_key(request, self.core.keys)
         except ServiceError as err:
             return _error(err)
-        return _json(200, self.core.models())
+        return _json(200, await self.core.models())
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:

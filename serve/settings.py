@@ -144,10 +144,7 @@ class AdapterSettings(_Strict):
     )
 
     def resolve(self, raw: str) -> Path:
-        path = Path(raw).expanduser()
-        if not path.is_absolute():
-            path = Path(os.environ.get("LORASERVE_HOME") or os.getcwd()) / path
-        return path.resolve()
+        return resolve_home_path(raw)
 
     def store_roots(self) -> list[Path]:
         roots = [self.resolve(r) for r in self.stores]
@@ -157,6 +154,28 @@ class AdapterSettings(_Strict):
 
     def state_path(self) -> Path:
         return self.resolve(self.state_dir)
+
+
+def resolve_home_path(raw: str) -> Path:
+    """A configured path: relative ones are relative to $LORASERVE_HOME (else the cwd)."""
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = Path(os.environ.get("LORASERVE_HOME") or os.getcwd()) / path
+    return path.resolve()
+
+
+class VariantSettings(_Strict):
+    """Where ONNX variants are built and cached (``models.onnx_export``)."""
+
+    cache_dir: str = Field(
+        ".loraserve/variants",
+        description="Variant cache, keyed by a content hash of checkpoint, build settings and "
+        "tool versions. Relative like `adapters.stores`. `loraserve up` and `loraserve export` "
+        "fill it; a replica that finds its variant missing builds it (under a file lock).",
+    )
+
+    def cache_path(self) -> Path:
+        return resolve_home_path(self.cache_dir)
 
 
 class MetricsSettings(_Strict):
@@ -214,6 +233,7 @@ class AppSettings(_Strict):
         default_factory=DeploymentSettings, description="The ingress (Router) deployment."
     )
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
+    variants: VariantSettings = Field(default_factory=VariantSettings)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppSettings":

@@ -3,6 +3,9 @@
 Every port is picked free at start, so a running `make up` or a benchmark does not collide.
 The catalog: the bundled all-MiniLM-L6-v2 and a tiny embedder co-located in the Router
 replica (one hop), and a tiny classifier as a ModelServer deployment of its own (two hops).
+ONNX variants: minilm and tiny serve torch, onnx and onnx-int8; topics torch and onnx; `strict`
+(the tiny embedder again) has an fp32 parity threshold no export meets, so its onnx variant is
+built and refused. Variants are built at start into the state folder (a fresh cache).
 Adapters: the shipped demo adapters (repo ``adapters/``) are declared in the config; a temporary
 store root holds test adapters on the tiny bases; admin routes need ``ADMIN_KEY``.
 """
@@ -94,6 +97,7 @@ def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> 
                         ],
                         "sync_timeout_s": 10,
                     },
+                    "variants": {"cache_dir": str(state_dir / "variants")},
                     "router": {"min_replicas": 1, "max_replicas": 1},
                     "models": [
                         {
@@ -102,16 +106,23 @@ def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> 
                             "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
                             "task": "embed",
                             "torch_threads": 1,
+                            "variants": ["torch", "onnx", "onnx-int8"],
                         },
                         {"id": "tiny", "source": str(tiny_models["embed"]), "task": "embed",
                          "torch_threads": 1, "batching": {"max_batch_size": 8, "max_wait_ms": 5},
+                         "variants": ["torch", "onnx", "onnx-int8"],
+                         "onnx": {"reload_poll_s": 0.3},
                          "adapters": {"adapters_per_replica": TINY_CAPACITY, "max_rank": 8}},
+                        {"id": "strict", "source": str(tiny_models["embed"]), "task": "embed",
+                         "torch_threads": 1, "variants": ["torch", "onnx"],
+                         "onnx": {"reload_poll_s": 0, "parity": {"fp32_max_abs_diff": 1e-12}}},
                         {
                             "id": "topics",
                             "source": str(tiny_models["classify"]),
                             "task": "classify",
                             "placement": "separate",
                             "torch_threads": 1,
+                            "variants": ["torch", "onnx"],
                             "deployment": {"min_replicas": 1, "max_replicas": 2, "num_cpus": 0},
                             "adapters": {"max_rank": 8},
                         },

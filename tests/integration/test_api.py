@@ -15,14 +15,20 @@ def embed(client, model, inp, **extra):
 def test_health_runs_a_real_inference_per_model(client):
     r = client.get("/health")
     assert r.status_code == 200
-    assert r.json()["models"] == {"minilm@torch": "ok", "tiny@torch": "ok", "topics@torch": "ok"}
+    report = r.json()["models"]
+    strict = report.pop("strict@onnx")  # refused by its parity gate: reported, not an outage
+    assert "parity with torch failed" in strict
+    assert report == {f"{m}@{v}": "ok" for m, vs in (("minilm", ("torch", "onnx", "onnx-int8")),
+                                                     ("tiny", ("torch", "onnx", "onnx-int8")),
+                                                     ("strict", ("torch",)), ("topics", ("torch", "onnx")))
+                      for v in vs}
 
 
 def test_models_list_has_task_variants_and_aliases(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
     by_id = {m["id"]: m for m in body["data"] if m["parent"] is None}
-    assert set(by_id) == {"minilm", "tiny", "topics"}
+    assert set(by_id) == {"minilm", "tiny", "topics", "strict"}
     assert by_id["minilm"]["task"] == "embed" and by_id["topics"]["task"] == "classify"
     assert by_id["minilm"]["aliases"] == ["sentence-transformers/all-MiniLM-L6-v2"]
     assert by_id["minilm"]["variants"][0]["name"] == "torch"

@@ -19,7 +19,7 @@ CASES = [
     ("unknown model", "/v1/embeddings", {"json": {"model": "nope", "input": "x"}}, 404, "model_not_found"),
     ("unknown adapter", "/v1/embeddings", {"json": {"model": "tiny:sentiment", "input": "x"}}, 404, "adapter_not_found"),
     ("unknown variant", "/v1/embeddings", {"json": {"model": "tiny@fp16", "input": "x"}}, 404, "variant_not_found"),
-    ("variant not served", "/v1/embeddings", {"json": {"model": "tiny@onnx", "input": "x"}}, 404, "variant_not_found"),
+    ("variant not served", "/v1/embeddings", {"json": {"model": "topics@onnx-int8", "input": "x"}}, 404, "variant_not_found"),
     ("malformed model string", "/v1/embeddings", {"json": {"model": "a:b:c", "input": "x"}}, 400, "invalid_request"),
     ("missing model", "/v1/embeddings", {"json": {"input": "x"}}, 400, "invalid_request"),
     ("missing input", "/v1/embeddings", {"json": {"model": "tiny"}}, 400, "invalid_request"),

