@@ -8,7 +8,7 @@ CONFIG ?= deploy/local.yaml
 # The CPU wheel of torch; installed first so nothing pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: up test install bench bench-adapters locust adapters clean
+.PHONY: up test install bench bench-adapters bench-variants locust adapters clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ locust: $(STAMP)
 
 bench-adapters: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) loadtest/bench_adapters.py $(BENCH_ARGS)
+
+bench-variants: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) loadtest/bench_variants.py $(BENCH_ARGS)
 
 adapters: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m models.finetune --train models/data/sentiment/train.jsonl --eval models/data/sentiment/test.jsonl --out adapters/sentiment --overwrite

@@ -200,7 +200,9 @@ class OnnxBackend(Backend):
     def remove_adapter(self, name: str) -> None:
         self.slots.remove(name)
 
-    def predict(self, rows: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None):
+    def predict(self, rows: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None,
+                graph: str | None = None):
+        """``graph="lora"`` runs bare-base rows on the LoRA graph too (the parity gate)."""
         if not rows:
             raise ModelLoadError("predict called with an empty batch")
         width = max(len(r) for r in rows)
@@ -216,7 +218,7 @@ class OnnxBackend(Backend):
         slots = self.slots
         stacks = slots.stacks  # one read: a concurrent growth swaps the whole dict
         index = np.array([0 if a is None else slots.slot_of[a] for a in names], dtype=np.int64)
-        if not index.any():
+        if not index.any() and graph != "lora":
             hidden = self.plain.run(None, feeds)[0]  # [batch, seq, hidden]
         else:
             feeds[LORA_INDEX] = index[:1] if (index == index[0]).all() else index

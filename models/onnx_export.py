@@ -191,11 +191,11 @@ def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
         }
         (out / variant / MANIFEST).write_text(json.dumps(manifest, indent=1))
         from models.onnx_backend import OnnxBackend
-        from models.parity import compare, run_probe
+        from models.parity import check_variant
 
         backend = OnnxBackend(spec, source, variant, out / variant)
         backend.load()
-        parity = compare(variant, spec.task, run_probe(backend), reference, spec.onnx.parity)
+        parity = check_variant(backend, reference)
         manifest["parity_at_build"] = parity
         (out / variant / MANIFEST).write_text(json.dumps(manifest, indent=1))
         say(f"{spec.id}@{variant}: parity {'passed' if parity['passed'] else 'FAILED'} "

@@ -28,12 +28,25 @@ def probe_texts() -> list[str]:
     return [line for line in PROBE_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def run_probe(backend, texts: list[str] | None = None) -> np.ndarray:
+def run_probe(backend, texts: list[str] | None = None, **predict_kw) -> np.ndarray:
     """``backend``'s outputs for the probe set, ``[texts, width]`` float32 (truncated to the
     model's input limit, batched as a replica would)."""
     rows = backend.encode(texts or probe_texts(), truncate=True)
-    outs = [np.asarray(backend.predict(rows[i:i + PROBE_BATCH])) for i in range(0, len(rows), PROBE_BATCH)]
+    outs = [np.asarray(backend.predict(rows[i:i + PROBE_BATCH], **predict_kw))
+            for i in range(0, len(rows), PROBE_BATCH)]
     return np.concatenate(outs).astype(np.float32)
+
+
+def check_variant(backend, reference: np.ndarray) -> dict:
+    """Parity of an ONNX backend with both of its graphs: the plain one (bare-base batches) and
+    the LoRA one run with every row on slot 0 (what adapter batches run on): a damaged
+    ``lora.onnx`` must fail the gate too."""
+    ours = np.concatenate([run_probe(backend), run_probe(backend, graph="lora")])
+    result = compare(backend.variant, backend.spec.task, ours, np.concatenate([reference, reference]),
+                     backend.spec.onnx.parity)
+    result["probes"] = int(reference.shape[0])
+    result["graphs"] = ["model.onnx", "lora.onnx"]
+    return result
 
 
 def compare(variant: str, task: str, ours: np.ndarray, ref: np.ndarray, spec: ParitySpec) -> dict:

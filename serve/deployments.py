@@ -132,6 +132,7 @@ class ModelServerDeployment:
         return self.server.variant_info()
 
     def check_health(self) -> None:
+        self.server.report()
         if not self.server.alive():
             raise RuntimeError("model server batcher is not running")
 

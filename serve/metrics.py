@@ -180,6 +180,25 @@ class ModelMetrics:
             tag_keys=keys,
         )
 
+        self.variant_serving_gauge = Gauge(
+            "loraserve_variant_serving",
+            description="1 while this variant serves in this replica, 0 when its files failed "
+            "to open or it failed the parity gate.",
+            tag_keys=keys,
+        )
+        self.variant_reloads = Counter(
+            "loraserve_variant_reloads_total",
+            description="Replaced variant files tried by this replica, by result "
+            "(replaced, rejected).",
+            tag_keys=keys + ("result",),
+        )
+
+    def variant_serving(self, serving: bool) -> None:
+        self.variant_serving_gauge.set(1 if serving else 0, tags=self.tags)
+
+    def variant_reload(self, result: str) -> None:
+        self.variant_reloads.inc(tags={**self.tags, "result": result})
+
     def adapter_load(self, result: str, latency_ms: float) -> None:
         self.adapter_loads.inc(tags={**self.tags, "result": result})
         if result == "ok":

@@ -97,6 +97,7 @@ class ModelServer:
         self._loaded: dict[str, tuple] = {}  # adapter key -> add_adapter args (for a reload)
         self._watcher: asyncio.Task | None = None
         self._signature = None  # of the variant files last opened (ONNX)
+        self._files: Backend | None = None  # the backend whose files the watcher stats
 
     def load(self) -> "ModelServer":
         """Open the backend. A torch failure raises (the replica cannot serve); an ONNX variant
@@ -104,6 +105,7 @@ class ModelServer:
         backend = None
         try:
             backend = self._factory(self.spec, self.variant)
+            self._files = backend  # what the watcher stats (a failed one too)
             self._signature = getattr(backend, "signature", lambda: None)()
             parity = self._open(backend)
         except Exception as exc:
@@ -113,6 +115,7 @@ class ModelServer:
         else:
             self.backend = backend
             self.info = self._serving_info(backend, parity)
+        self.report()
         self.batcher = Batcher(
             self._unavailable, self.spec.batching, self._observer,
             name=f"{self.spec.id}-{self.variant}", split_by_adapter=self._split,
@@ -141,11 +144,9 @@ class ModelServer:
         if self.variant not in ONNX:
             return None
         from models.onnx_export import reference_for
-        from models.parity import compare, run_probe
+        from models.parity import check_variant
 
-        reference = reference_for(self.spec, backend)
-        parity = compare(self.variant, self.spec.task, run_probe(backend), reference,
-                         self.spec.onnx.parity)
+        parity = check_variant(backend, reference_for(self.spec, backend))
         if not parity["passed"]:
             err = VariantUnavailable(f"{self.spec.id}@{self.variant} is not served: {parity['reason']}")
             err.parity = parity
@@ -168,6 +169,17 @@ class ModelServer:
 
     def _unavailable(self, rows, adapters=None):
         raise VariantUnavailable(self.info.get("reason", "variant not loaded"), param="model")
+
+    def report(self) -> None:
+        """Re-record the variant's state (Serve's periodic health check calls this: a gauge set
+        once at start can be lost before Ray's metrics agent is connected)."""
+        self._record("variant_serving", self.backend is not None)
+
+    def _record(self, what: str, value) -> None:
+        """Variant metrics, when the observer records them (``serve.metrics.ModelMetrics``)."""
+        fn = getattr(self._observer, what, None)
+        if fn is not None:
+            fn(value)
 
     def variant_info(self) -> dict:
         return dict(self.info)
@@ -192,19 +204,19 @@ class ModelServer:
                 log.exception("variant watcher of %s@%s", self.spec.id, self.variant)
 
     def _current_signature(self):
-        probe = self.backend
-        if probe is None:  # failed at start: look at the files it would have opened
-            probe = self._factory(self.spec, self.variant)
-        return getattr(probe, "signature", lambda: None)()
+        """Stat the files last opened (or tried). None when there are none to watch: the
+        variant could not even be built, and polling must not rebuild it every few seconds."""
+        return getattr(self._files, "signature", lambda: None)()
 
     async def reload(self) -> dict:
         """Open the variant's current files beside the serving backend; swap them in between
         batches if they pass parity, with every resident adapter re-added first."""
         loop = asyncio.get_running_loop()
-        new = self._factory(self.spec, self.variant)
-        sig = getattr(new, "signature", lambda: None)()
-        self._signature = sig  # tried once per change, pass or fail
+        self._signature = self._current_signature()  # tried once per change, pass or fail
         try:
+            new = await loop.run_in_executor(None, self._factory, self.spec, self.variant)
+            self._files = new
+            self._signature = getattr(new, "signature", lambda: None)()  # tried once per change
             parity = await loop.run_in_executor(None, self._open, new)
             while True:  # adapters loaded meanwhile are added too, then the swap is atomic
                 missing = {k: v for k, v in self._loaded.items() if k not in new_keys(new)}
@@ -218,6 +230,7 @@ class ModelServer:
                                                       "at": int(time.time())}}
             if self.backend is None:
                 self._fail(exc)
+            self._record("variant_reload", "rejected")
             log.error("replacement files of %s@%s rejected, the serving ones stay: %s",
                       self.spec.id, self.variant, message)
             return self.variant_info()
@@ -227,6 +240,8 @@ class ModelServer:
         self.batcher.set_runner(new.predict)
         self.info = {**self._serving_info(new, parity),
                      "last_reload": {"result": "replaced", "at": int(time.time())}}
+        self._record("variant_reload", "replaced")
+        self._record("variant_serving", True)
         log.info("%s@%s now serves its replaced files (parity passed)", self.spec.id, self.variant)
         return self.variant_info()
 

@@ -394,5 +394,7 @@ class Router:
 
     def check_health(self) -> None:
         for key, server in self.core.servers.items():
+            if isinstance(server, ModelServer):
+                server.report()
             if not server.alive():
                 raise RuntimeError(f"model server {key} is not running")

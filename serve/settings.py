@@ -213,7 +213,9 @@ class IngressSettings(_Strict):
         (30000, 30999), description="Ports the replicas' direct-ingress servers may take."
     )
     direct_grpc_port_range: tuple[int, int] = Field(
-        (40000, 40999), description="Ports the replicas' gRPC servers (handle calls) may take."
+        (31000, 31999), description="Ports the replicas' gRPC servers (handle calls) may take. "
+        "Keep it below the kernel's ephemeral range (Linux: 32768+): Ray's other processes bind "
+        "random ports there, and one that lands in this range makes the next start refuse.",
     )
     fallback_port: int = Field(
         8500, ge=1, le=65535,

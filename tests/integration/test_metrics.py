@@ -89,3 +89,22 @@ def test_adapter_metrics(service, client, admin):
     finally:
         for name in names:
             admin.post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+
+def test_variant_metrics_show_serving_and_refused_variants(service, client):
+    """The refused `strict@onnx` reports 0, serving variants 1, all labelled by variant."""
+    assert client.post("/v1/embeddings", json={"model": "minilm@onnx-int8", "input": "x"}).status_code == 200
+    deadline = time.monotonic() + 60
+    while True:
+        text = scrape(service)
+        refused = [line for line in text.splitlines()
+                   if line.startswith("ray_loraserve_variant_serving{") and 'model="strict"' in line
+                   and 'variant="onnx"' in line]
+        serving = series(text, "ray_loraserve_variant_serving", model="minilm", variant="onnx-int8")
+        passes = series(text, "ray_loraserve_inference_latency_ms_count", model="minilm", variant="onnx-int8")
+        if (refused and serving >= 1 and passes >= 1) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert refused and all(line.endswith(" 0.0") or line.endswith(" 0") for line in refused)
+    assert serving >= 1
+    assert passes >= 1

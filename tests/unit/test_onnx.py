@@ -232,10 +232,13 @@ def _perturb(path, factor=1.5):
     onnx.save(model, str(path))
 
 
-def test_variant_failing_parity_is_not_served_and_says_why(tiny_models, private_cache):
+@pytest.mark.parametrize("damaged", ["model.onnx", "lora.onnx"])
+def test_variant_failing_parity_is_not_served_and_says_why(tiny_models, private_cache, damaged):
+    """Either graph with other weights fails the gate: the LoRA graph serves every adapter
+    request, so it is checked too (with every row on the zero slot)."""
     spec = spec_of(tiny_models, "embed", onnx={"reload_poll_s": 0})
     folder = variant_root(spec, tiny_models["embed"], private_cache) / "onnx"
-    _perturb(folder / "model.onnx")
+    _perturb(folder / damaged)
 
     async def run():
         from functools import partial
@@ -313,3 +316,30 @@ def test_reload_swaps_only_files_that_pass_parity_and_keeps_adapters(tiny_models
         server.close()
 
     asyncio.run(run())
+
+
+def test_export_cli_builds_then_reuses_the_cache(tiny_models, tmp_path, capfd):
+    import yaml
+
+    from serve.cli import main
+
+    config = {"applications": [{"name": "x", "import_path": "serve.app:build_app", "args": {
+        "models": [{"id": "cli-tiny", "source": str(tiny_models["embed"]), "task": "embed",
+                    "variants": list(VARIANTS)}],
+        "variants": {"cache_dir": str(tmp_path / "cache")}}}]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["export", "--config", str(path)]) == 0
+    out = capfd.readouterr().out
+    assert "cli-tiny: exporting" in out and "cli-tiny@onnx: parity passed" in out
+    assert "cli-tiny@onnx-int8: parity passed" in out
+    assert main(["export", "--config", str(path)]) == 0
+    assert "cli-tiny: ONNX variants cached in" in capfd.readouterr().out
+    # a model whose checkpoint cannot be exported: the command says so and fails
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "nonsense"}')
+    config["applications"][0]["args"]["models"][0]["source"] = str(bad)
+    path.write_text(yaml.safe_dump(config))
+    assert main(["export", "--config", str(path)]) == 1
+    assert "building ONNX variants failed" in capfd.readouterr().err
