@@ -383,13 +383,27 @@ def measure_inprocess(config: str, setup: dict, long: str, args: dict, root_pid:
     return out
 
 
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def run_inprocess(args, setup: dict, long: str) -> dict:
     opts = {"sgemm_n": args.sgemm_n, "sgemm_reps": args.sgemm_reps, "long_batch": args.long_batch,
             "warmup": args.inprocess_warmup, "duration": args.inprocess_duration,
             "min_batches": args.min_batches, "wait_quiet": args.wait_quiet}
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(measure_inprocess, args.config, setup, long, opts, os.getpid()).result()
+    # One thread for numpy's BLAS too (the pooler and heads of classification adapters run in
+    # numpy on the ONNX path), as in a replica, where Ray sets OMP_NUM_THREADS to its CPUs.
+    saved = {k: os.environ.get(k) for k in BLAS_THREAD_VARS}
+    os.environ.update({k: "1" for k in BLAS_THREAD_VARS})
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            return pool.submit(measure_inprocess, args.config, setup, long, opts, os.getpid()).result()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def add_inprocess_ratios(points: list[dict]) -> None:
