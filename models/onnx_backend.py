@@ -4,8 +4,9 @@ A variant folder (``models.onnx_export``) holds two graphs of the same encoder: 
 (plain, fastest) and ``lora.onnx`` (LoRA stacks as inputs, ``models.onnx_graph``). A batch of
 bare-base rows runs the plain graph; a batch with any adapter row runs the LoRA graph with each
 row's slot index (slot 0 = zeros = the bare base), so one run mixes adapters, as the torch path
-does. Measured on all-MiniLM-L6-v2 int8, one thread: the LoRA graph with empty stacks costs
-+28% at one sentence and +5% at 32, hence two graphs rather than one.
+does. Two graphs rather than one because the LoRA branches (5 nodes per adapted layer) cost
+time even with empty stacks: adapter rows run 7-34% slower than bare ones at batch 32
+(``loadtest/results/variants.md``), and bare-base batches should not pay that.
 
 The stacks live here as numpy arrays (``Slots``): loading an adapter reads its safetensors and
 copies ``A^T`` and ``scale * B^T`` into a free slot; ranks are zero-padded to the module's
@@ -16,6 +17,7 @@ probs = softmax(head(pooled)), exactly as ``BertForSequenceClassification`` comp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -33,6 +35,18 @@ from models.tokenization import InputEncoder
 POOLER = "pooler.dense"
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
            "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def files_signature(paths) -> tuple:
+    """Size, mtime and inode of each file (None when missing): a change means a replacement."""
+    out = []
+    for p in paths:
+        try:
+            st = Path(p).stat()
+            out.append((st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 class Slots(SlotBook):
@@ -99,22 +113,13 @@ class OnnxBackend(Backend):
         self.file_sha256: dict[str, str] = {}
 
     def signature(self) -> tuple:
-        """Size and mtime of the graph files: a change means they were replaced."""
-        out = []
-        for p in self.files.values():
-            try:
-                st = p.stat()
-                out.append((st.st_size, st.st_mtime_ns, st.st_ino))
-            except OSError:
-                out.append(None)
-        return tuple(out)
+        return files_signature(self.files.values())
 
     def load(self) -> None:
         import onnxruntime as ort
         from transformers import AutoConfig, AutoTokenizer
 
         from models.onnx_export import MANIFEST
-        from models.sources import sha256_file
 
         if self.spec.task not in ("embed", "classify"):
             raise TaskNotSupported(f"the ONNX backend does not serve {self.spec.task!r}")
@@ -137,12 +142,13 @@ class OnnxBackend(Backend):
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         sessions = {}
         for name, path in self.files.items():
-            check_model_file(path)
+            data = check_model_file(path)  # the session opens exactly the bytes checked
             try:
-                sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                sessions[name] = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
                 raise ModelLoadError(f"ONNX Runtime refused {path.name} of {self.spec.id}@{self.variant}: {exc}") from None
-            self.file_sha256[name] = sha256_file(path)
+            self.file_sha256[name] = hashlib.sha256(data).hexdigest()
+            del data
         self._check_io(sessions, modules, int(config.hidden_size))
         self.plain, self.lora = sessions["model.onnx"], sessions["lora.onnx"]
         self._plain_inputs = {i.name for i in self.plain.get_inputs()}

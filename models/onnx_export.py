@@ -41,7 +41,13 @@ from models.spec import ModelSpec
 ONNX_VARIANTS = ("onnx", "onnx-int8")
 FILES = ("model.onnx", "lora.onnx")
 MANIFEST = "manifest.json"
-REFERENCE = "reference.npy"
+REFERENCE = "reference.npy"  # torch, probe set, bare base
+PROBE_ADAPTER = "probe-adapter"  # a seeded random LoRA on every linear layer (peft format)
+REFERENCE_ADAPTER = "reference-adapter.npy"  # torch, probe set, rows alternating adapter / base
+# std of the probe adapter's LoRA matrices at hidden size 384, scaled by sqrt(384 / hidden):
+# on all-MiniLM-L6-v2 the adapted rows' cosine to the bare ones is 0.85 on average, so an
+# adapter path that did nothing could not pass even the int8 gate
+PROBE_STD = 0.05
 BUILD_FORMAT = 1  # bump when the pipeline changes what it writes
 Progress = Callable[[str], None]
 
@@ -67,12 +73,21 @@ def cpu_quantization() -> str:
 
 
 def build_settings(spec: ModelSpec) -> dict:
+    """What the variants and their torch references depend on besides the checkpoint."""
+    from models.parity import PROBE_FILE
+    from models.sources import sha256_file
+
     isa = spec.onnx.quantization
     return {
         "format": BUILD_FORMAT,
         "quantization": cpu_quantization() if isa == "auto" else isa,
         "per_channel": spec.onnx.per_channel,
         "offline_optimization": "extended",
+        # the references: the outputs torch computes, on which probe sentences
+        "outputs": {"task": spec.task, "normalize": spec.normalize, "pooling": spec.pooling,
+                    "max_input_tokens": spec.max_input_tokens},
+        "probe_sha256": sha256_file(PROBE_FILE),
+        "probe_adapter_std": PROBE_STD,
     }
 
 
@@ -128,12 +143,21 @@ def ensure_variants(
         shutil.rmtree(scratch, ignore_errors=True)
         try:
             _build(spec, source, scratch, say)
+            failed = [v for v in ONNX_VARIANTS if not json.loads(
+                (scratch / v / MANIFEST).read_text())["parity_at_build"]["passed"]]
+            if failed and root.exists():
+                raise ModelLoadError(
+                    f"{spec.id}: the rebuilt {', '.join(failed)} failed parity; the files in "
+                    f"{root} were left as they were")
             if root.exists():  # replace file by file: running replicas may be reading them
                 for variant in ONNX_VARIANTS:
                     (root / variant).mkdir(parents=True, exist_ok=True)
                     for name in (*FILES, MANIFEST):
                         os.replace(scratch / variant / name, root / variant / name)
-                os.replace(scratch / REFERENCE, root / REFERENCE)
+                for name in (REFERENCE, REFERENCE_ADAPTER):
+                    os.replace(scratch / name, root / name)
+                shutil.rmtree(root / PROBE_ADAPTER, ignore_errors=True)
+                os.replace(scratch / PROBE_ADAPTER, root / PROBE_ADAPTER)
             else:
                 os.rename(scratch, root)
         finally:
@@ -142,7 +166,7 @@ def ensure_variants(
 
 
 def _complete(root: Path) -> bool:
-    return (root / REFERENCE).is_file() and all(
+    return all((root / name).exists() for name in (REFERENCE, REFERENCE_ADAPTER, PROBE_ADAPTER)) and all(
         (root / v / name).is_file() for v in ONNX_VARIANTS for name in (*FILES, MANIFEST))
 
 
@@ -174,10 +198,12 @@ def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
     shutil.rmtree(raw)
     shutil.rmtree(out / "quantized", ignore_errors=True)
     t = time.perf_counter()
+    write_probe_adapter(spec, source, out / PROBE_ADAPTER)
     reference = torch_reference(spec, source)
     np.save(out / REFERENCE, reference)
-    say(f"{spec.id}: torch reference on {len(reference)} probe sentences in "
-        f"{time.perf_counter() - t:.1f} s")
+    np.save(out / REFERENCE_ADAPTER, torch_reference(spec, source, out / PROBE_ADAPTER))
+    say(f"{spec.id}: torch references on {len(reference)} probe sentences (bare, and with a "
+        f"probe adapter on every other row) in {time.perf_counter() - t:.1f} s")
     for variant in ONNX_VARIANTS:
         manifest = {
             "model": spec.id,
@@ -195,7 +221,7 @@ def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
 
         backend = OnnxBackend(spec, source, variant, out / variant)
         backend.load()
-        parity = check_variant(backend, reference)
+        parity = check_variant(backend, *references(out))
         manifest["parity_at_build"] = parity
         (out / variant / MANIFEST).write_text(json.dumps(manifest, indent=1))
         say(f"{spec.id}@{variant}: parity {'passed' if parity['passed'] else 'FAILED'} "
@@ -243,29 +269,67 @@ def _optimize_offline(src: Path, dest: Path) -> None:
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 
-def torch_reference(spec: ModelSpec, source: Path) -> np.ndarray:
-    """The served torch backend's outputs on the probe set: what parity compares against."""
-    from models.parity import run_probe
+def write_probe_adapter(spec: ModelSpec, source: Path, dest: Path) -> None:
+    """A seeded random LoRA adapter (peft's own format) on every linear layer of the encoder:
+    the parity gate runs it on every other probe row, so the LoRA graph's gathers, scaling and
+    per-row indices are held to torch too, not only its base weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    kw = dict(local_files_only=True, trust_remote_code=False, use_safetensors=True)
+    if spec.task == "classify":
+        model, task_type = AutoModelForSequenceClassification.from_pretrained(source, **kw), "SEQ_CLS"
+    else:
+        model, task_type = AutoModel.from_pretrained(source, **kw), "FEATURE_EXTRACTION"
+    config = LoraConfig(task_type=task_type, r=4, lora_alpha=8,
+                        target_modules=["query", "key", "value", "dense"])
+    adapted = get_peft_model(model, config)
+    std = PROBE_STD * (384 / model.config.hidden_size) ** 0.5
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, std)
+    adapted.save_pretrained(dest, safe_serialization=True)
+
+
+def probe_adapter_check(spec: ModelSpec, source: Path, folder: Path):
+    """The probe adapter, validated as any adapter is (``AdapterCheck``)."""
+    from models.adapters import base_weight_shapes, validate_adapter
+
+    return validate_adapter(str(folder), [folder.parent], base_shapes=base_weight_shapes(source),
+                            max_rank=64, base_task=spec.task)
+
+
+def torch_reference(spec: ModelSpec, source: Path, adapter: Path | None = None) -> np.ndarray:
+    """The served torch backend's outputs on the probe set: what parity compares against.
+    With ``adapter``, every other row runs it (``models.parity.run_probe``)."""
+    from models.parity import PROBE_KEY, run_probe
     from models.torch_backend import TorchBackend
 
     backend = TorchBackend(spec, source)
     backend.load()
     try:
-        return run_probe(backend)
+        if adapter is None:
+            return run_probe(backend)
+        check = probe_adapter_check(spec, source, adapter)
+        backend.add_adapter(PROBE_KEY, check, check.task, check.labels)
+        return run_probe(backend, adapter=PROBE_KEY)
     finally:
         backend.close()
 
 
-def reference_for(spec: ModelSpec, backend) -> np.ndarray:
-    """The torch reference a variant folder's parity is checked against: cached beside the
-    variants by the build, computed (and cached) here when missing."""
-    path = Path(backend.folder).parent / REFERENCE
+def references(root: Path) -> tuple[np.ndarray, np.ndarray, Path]:
+    """(bare reference, adapter reference, probe adapter folder) of a variant root."""
+    return np.load(root / REFERENCE), np.load(root / REFERENCE_ADAPTER), root / PROBE_ADAPTER
+
+
+def reference_for(spec: ModelSpec, backend) -> tuple[np.ndarray, np.ndarray, Path]:
+    """The torch references a variant folder's parity is checked against (built with it)."""
+    root = Path(backend.folder).parent
     try:
-        return np.load(path)
-    except (OSError, ValueError):
-        reference = torch_reference(spec, backend.path)
-        try:
-            np.save(path, reference)
-        except OSError:
-            pass
-        return reference
+        return references(root)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{spec.id}: the torch references of {root} are missing ({exc}); "
+                             "run `loraserve export --force`") from None

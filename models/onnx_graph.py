@@ -86,41 +86,86 @@ def lora_node_names(model) -> list[str]:
     return [n.name for n in model.graph.node if "/lora/" in n.name]
 
 
-def check_model_file(path: Path) -> None:
-    """Refuse what must not reach ONNX Runtime: unreadable or non-ONNX bytes, custom operator
-    domains (code we do not ship), external data outside the model's directory."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
+def check_model_file(path: Path) -> bytes:
+    """Read ``path`` once, check it (``check_model_bytes``) and return the bytes: the session
+    is then created from exactly what was checked, even if the file is replaced meanwhile."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"ONNX file {path} does not exist")
     size = path.stat().st_size
     if size == 0 or size > MAX_MODEL_BYTES:
         raise ModelLoadError(f"ONNX file {path} has {size} bytes (allowed: 1 to {MAX_MODEL_BYTES})")
+    data = path.read_bytes()
+    check_model_bytes(data, path.name)
+    return data
+
+
+def check_model_bytes(data: bytes, name: str) -> None:
+    """Refuse what must not reach ONNX Runtime: bytes that are not an ONNX model, operators of
+    domains ONNX Runtime does not implement itself (custom-op code), and any tensor stored as
+    external data (our exports never write it; a path in it could point anywhere). Nested
+    graphs (``If``/``Loop``/``Scan`` bodies) and functions are checked too."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not data:
+        raise ModelLoadError(f"{name} has 0 bytes")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
-        raise ModelLoadError(f"{path.name} is not a readable ONNX model: {exc}") from None
+        model = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{name} is not a readable ONNX model: {exc}") from None
     if not model.graph.node or not model.opset_import:
-        raise ModelLoadError(f"{path.name} is not a readable ONNX model: it has no graph")
+        raise ModelLoadError(f"{name} is not a readable ONNX model: it has no graph")
     # nodes, not opset imports: ORT's optimizer imports every domain it knows into what it saves
-    domains = {n.domain for n in model.graph.node}
-    domains |= {n.domain for f in model.functions for n in f.node}
+    domains: set[str] = set()
+    for node, tensors in _walk(model):
+        if node is not None:
+            domains.add(node.domain)
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+                raise ModelLoadError(
+                    f"{name}: tensor {tensor.name!r} is stored as external data; only "
+                    "self-contained models are accepted"
+                )
     bad = sorted(d for d in domains if d not in ALLOWED_DOMAINS)
     if bad:
         raise ModelLoadError(
-            f"{path.name} uses operator domains {bad}; only the standard ONNX and com.microsoft "
+            f"{name} uses operator domains {bad}; only the standard ONNX and com.microsoft "
             "operators are accepted (custom operators would run code we do not ship)"
         )
-    root = path.parent.resolve()
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (root / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(root):
-            raise ModelLoadError(
-                f"{path.name}: tensor {tensor.name!r} points at external data {location!r} outside "
-                "the model's directory"
-            )
+
+
+def _walk(model):
+    """Every node (with the tensors in its attributes) and every initializer, in the main
+    graph, in nested graphs and in functions: ``(node or None, tensors)`` pairs."""
+    graphs = [model.graph]
+    for function in model.functions:
+        for node in function.node:
+            graphs.extend(_subgraphs(node))
+            yield node, _attribute_tensors(node)
+    while graphs:
+        graph = graphs.pop()
+        yield None, list(graph.initializer) + [s.values for s in graph.sparse_initializer]
+        for node in graph.node:
+            graphs.extend(_subgraphs(node))
+            yield node, _attribute_tensors(node)
+
+
+def _subgraphs(node) -> list:
+    out = []
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            out.append(attr.g)
+        out.extend(attr.graphs)
+    return out
+
+
+def _attribute_tensors(node) -> list:
+    out = []
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            out.append(attr.t)
+        out.extend(attr.tensors)
+        if attr.HasField("sparse_tensor"):
+            out.append(attr.sparse_tensor.values)
+    return out

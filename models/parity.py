@@ -22,28 +22,53 @@ from models.spec import ParitySpec
 
 PROBE_FILE = Path(__file__).resolve().parent / "data" / "probe.txt"
 PROBE_BATCH = 16
+PROBE_KEY = "__parity_probe__"  # the probe adapter's key inside a backend while it is checked
 
 
 def probe_texts() -> list[str]:
     return [line for line in PROBE_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def run_probe(backend, texts: list[str] | None = None, **predict_kw) -> np.ndarray:
+def run_probe(backend, texts: list[str] | None = None, adapter: str | None = None,
+              **predict_kw) -> np.ndarray:
     """``backend``'s outputs for the probe set, ``[texts, width]`` float32 (truncated to the
-    model's input limit, batched as a replica would)."""
+    model's input limit, batched as a replica would). With ``adapter``, even rows run it and
+    odd rows the bare base, in the same batches (mixed-adapter batches)."""
     rows = backend.encode(texts or probe_texts(), truncate=True)
-    outs = [np.asarray(backend.predict(rows[i:i + PROBE_BATCH], **predict_kw))
-            for i in range(0, len(rows), PROBE_BATCH)]
+    outs = []
+    for i in range(0, len(rows), PROBE_BATCH):
+        batch = rows[i:i + PROBE_BATCH]
+        names = None if adapter is None else [adapter if (i + j) % 2 == 0 else None for j in range(len(batch))]
+        outs.append(np.stack(backend.predict(batch, names, **predict_kw)))
     return np.concatenate(outs).astype(np.float32)
 
 
-def check_variant(backend, reference: np.ndarray) -> dict:
-    """Parity of an ONNX backend with both of its graphs: the plain one (bare-base batches) and
-    the LoRA one run with every row on slot 0 (what adapter batches run on): a damaged
-    ``lora.onnx`` must fail the gate too."""
+def check_variant(backend, reference: np.ndarray, adapter_reference: np.ndarray,
+                  adapter_dir: Path) -> dict:
+    """Parity of an ONNX backend on both of its graphs: the plain one (bare-base batches), the
+    LoRA one with every row on the zero slot, and the LoRA one with a seeded random probe
+    adapter (``models.onnx_export.write_probe_adapter``) on every other row, against torch
+    running the same adapter: so the adapter path (gathers, scale, per-row slots, pooler) is
+    gated too. The probe adapter is removed again before the backend serves."""
+    from models.onnx_export import probe_adapter_check
+
+    spec = backend.spec
     ours = np.concatenate([run_probe(backend), run_probe(backend, graph="lora")])
-    result = compare(backend.variant, backend.spec.task, ours, np.concatenate([reference, reference]),
-                     backend.spec.onnx.parity)
+    result = compare(backend.variant, spec.task, ours, np.concatenate([reference, reference]),
+                     spec.onnx.parity)
+    check = probe_adapter_check(spec, backend.path, Path(adapter_dir))
+    backend.add_adapter(PROBE_KEY, check, check.task, check.labels)
+    try:
+        adapted = run_probe(backend, adapter=PROBE_KEY)
+    finally:
+        backend.remove_adapter(PROBE_KEY)
+    # random heads can tie: labels are compared on the bare base only
+    with_adapter = compare(backend.variant, "embed", adapted, adapter_reference, spec.onnx.parity)
+    result["adapter_probe"] = {k: with_adapter[k] for k in ("max_abs_diff", "mean_cosine", "min_cosine")}
+    if not with_adapter["passed"]:
+        result["passed"] = False
+        reason = with_adapter["reason"].replace("parity with torch failed: ", "")
+        result["reason"] = (result.get("reason", "parity with torch failed") + "; with the probe adapter: " + reason)
     result["probes"] = int(reference.shape[0])
     result["graphs"] = ["model.onnx", "lora.onnx"]
     return result

@@ -96,8 +96,8 @@ class ModelServer:
         self.info: dict = {"status": "loading"}
         self._loaded: dict[str, tuple] = {}  # adapter key -> add_adapter args (for a reload)
         self._watcher: asyncio.Task | None = None
-        self._signature = None  # of the variant files last opened (ONNX)
-        self._files: Backend | None = None  # the backend whose files the watcher stats
+        self._signature = None  # of the variant files last opened or tried (ONNX)
+        self._watch_paths: list = []  # the files the watcher stats
 
     def load(self) -> "ModelServer":
         """Open the backend. A torch failure raises (the replica cannot serve); an ONNX variant
@@ -105,13 +105,14 @@ class ModelServer:
         backend = None
         try:
             backend = self._factory(self.spec, self.variant)
-            self._files = backend  # what the watcher stats (a failed one too)
-            self._signature = getattr(backend, "signature", lambda: None)()
+            self._watch_paths = list(getattr(backend, "files", {}).values())
+            self._signature = self._current_signature()
             parity = self._open(backend)
         except Exception as exc:
             if self.variant not in ONNX:
                 raise
             self._fail(exc)
+            _close_quietly(backend)
         else:
             self.backend = backend
             self.info = self._serving_info(backend, parity)
@@ -146,7 +147,7 @@ class ModelServer:
         from models.onnx_export import reference_for
         from models.parity import check_variant
 
-        parity = check_variant(backend, reference_for(self.spec, backend))
+        parity = check_variant(backend, *reference_for(self.spec, backend))
         if not parity["passed"]:
             err = VariantUnavailable(f"{self.spec.id}@{self.variant} is not served: {parity['reason']}")
             err.parity = parity
@@ -164,7 +165,8 @@ class ModelServer:
     def _fail(self, exc: Exception) -> None:
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         self.info = {"status": "failed", "reason": message, "parity": getattr(exc, "parity", None),
-                     "failed_at": int(time.time())}
+                     "failed_at": int(time.time()),
+                     **({"last_reload": self.info["last_reload"]} if "last_reload" in self.info else {})}
         log.error("%s@%s does not serve: %s", self.spec.id, self.variant, message)
 
     def _unavailable(self, rows, adapters=None):
@@ -192,7 +194,9 @@ class ModelServer:
             await asyncio.sleep(poll)
             try:
                 sig = self._current_signature()
-                if sig is None or sig == self._signature:
+                # unchanged, or a file missing (being replaced, or the cache was cleaned: a
+                # serving replica never rebuilds variants itself)
+                if sig is None or sig == self._signature or None in sig:
                     continue
                 await asyncio.sleep(min(poll, 0.5))  # a copy in progress: wait until it settles
                 if self._current_signature() != sig:
@@ -206,25 +210,34 @@ class ModelServer:
     def _current_signature(self):
         """Stat the files last opened (or tried). None when there are none to watch: the
         variant could not even be built, and polling must not rebuild it every few seconds."""
-        return getattr(self._files, "signature", lambda: None)()
+        from models.onnx_backend import files_signature
+
+        return files_signature(self._watch_paths) if self._watch_paths else None
 
     async def reload(self) -> dict:
         """Open the variant's current files beside the serving backend; swap them in between
         batches if they pass parity, with every resident adapter re-added first."""
         loop = asyncio.get_running_loop()
         self._signature = self._current_signature()  # tried once per change, pass or fail
+        new = None
         try:
             new = await loop.run_in_executor(None, self._factory, self.spec, self.variant)
-            self._files = new
-            self._signature = getattr(new, "signature", lambda: None)()  # tried once per change
+            self._watch_paths = list(getattr(new, "files", {}).values()) or self._watch_paths
             parity = await loop.run_in_executor(None, self._open, new)
             while True:  # adapters loaded meanwhile are added too, then the swap is atomic
                 missing = {k: v for k, v in self._loaded.items() if k not in new_keys(new)}
                 if not missing:
                     break
-                for key, args in missing.items():
-                    await loop.run_in_executor(None, new.add_adapter, key, *args)
+                for key, (ref, _) in missing.items():
+                    # re-read from disk: the same checks and content as when it was loaded
+                    check = await loop.run_in_executor(None, self._validate, ref)
+                    if check.sha256 != ref.sha256:
+                        raise AdapterLoadFailed(
+                            f"resident adapter {ref.name!r} changed on disk since it was loaded; "
+                            "unload or re-register it, then replace the variant files again")
+                    await loop.run_in_executor(None, new.add_adapter, key, check, ref.task, ref.labels)
         except Exception as exc:
+            _close_quietly(new)
             message = getattr(exc, "message", None) or str(exc)
             self.info = {**self.info, "last_reload": {"result": "rejected", "reason": message,
                                                       "at": int(time.time())}}
@@ -262,9 +275,13 @@ class ModelServer:
             )
         args = (check, ref.task, ref.labels)
         await self._adapter_call(b.add_adapter, ref.key, *args)
-        self._loaded[ref.key] = args
+        self._loaded[ref.key] = (ref, args)
         if self.backend is not b:  # the variant was swapped during the load
-            await self._adapter_call(self.backend.add_adapter, ref.key, *args)
+            try:
+                await self._adapter_call(self.backend.add_adapter, ref.key, *args)
+            except BaseException:
+                self._loaded.pop(ref.key, None)
+                raise
 
     def _validate(self, ref: AdapterRef):
         if self._base_shapes is None:
@@ -384,6 +401,15 @@ class ModelServer:
         if self.backend is None or self.batcher is None:
             raise NotReady(f"model {self.spec.id!r} ({self.variant}) is not loaded yet")
         return self.backend
+
+
+def _close_quietly(backend: Backend | None) -> None:
+    """Free a backend that will not serve (its sessions can be large)."""
+    if backend is not None:
+        try:
+            backend.close()
+        except Exception:  # a half-loaded backend may fail to close; it is dropped anyway
+            pass
 
 
 def new_keys(backend: Backend) -> list[str]:

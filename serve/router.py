@@ -204,7 +204,8 @@ class RouterCore:
         data = []
         variants = {}
         for spec in self.catalog.specs:
-            variants[spec.id] = [await self.variant_info(spec, v) for v in spec.variants]
+            variants[spec.id] = list(await asyncio.gather(
+                *(self.variant_info(spec, v) for v in spec.variants)))
             data.append(
                 {
                     "id": spec.id,
@@ -306,7 +307,8 @@ class RouterCore:
                     # A variant that failed its load or parity is a known, reported state
                     # (503 for its requests, reason in /v1/models); any other failure, or the
                     # default variant failing, makes the service unhealthy.
-                    if not isinstance(exc, VariantUnavailable) or variant == spec.default_variant:
+                    refused = isinstance(as_service_error(exc), VariantUnavailable)  # unwraps Ray's
+                    if not refused or variant == spec.default_variant:
                         failed.append(key)
         if failed:
             return _error(NotReady(f"unhealthy: {', '.join(f'{k}: {report[k]}' for k in failed)}"))

@@ -80,6 +80,9 @@ def test_build_is_cached_by_content_and_settings(tiny_models, cache):
     # other build settings -> another key
     other = spec.model_copy(update={"onnx": spec.onnx.model_copy(update={"per_channel": False})})
     assert variant_root(other, tiny_models["embed"], cache) != root
+    # what changes torch's outputs (and so the references) -> another key too
+    assert variant_root(spec.model_copy(update={"normalize": False}), tiny_models["embed"], cache) != root
+    assert variant_root(spec.model_copy(update={"pooling": "cls"}), tiny_models["embed"], cache) != root
 
 
 @pytest.mark.parametrize("kind", ["embed", "classify"])
@@ -162,9 +165,35 @@ BAD_FILES = {
     "empty file": (lambda p, good: p.write_bytes(b""), "has 0 bytes"),
     "truncated model": (lambda p, good: p.write_bytes(good.read_bytes()[: good.stat().st_size // 3]), "not a readable ONNX model"),
     "custom operator domain": (lambda p, good: _custom_domain_model(p), "operator domains ['com.example.evil']"),
-    "external data outside": (_external_data_escape, "outside the model's directory"),
+    "external data outside": (_external_data_escape, "is stored as external data"),
+    "external data in a Constant node": (lambda p, good: _constant_external(p), "is stored as external data"),
+    "custom domain inside an If branch": (lambda p, good: _nested_custom_domain(p), "operator domains ['com.example.evil']"),
     "another model's graph": (lambda p, good: _custom_io_model(p), "is not this model's encoder graph"),
 }
+
+
+def _constant_external(path):
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor("c", TensorProto.FLOAT, [1], [1.0])
+    value.data_location = TensorProto.EXTERNAL
+    entry = value.external_data.add()
+    entry.key, entry.value = "location", "../outside/secret.bin"
+    value.ClearField("float_data")
+    node = helper.make_node("Constant", [], ["y"], value=value)
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _nested_custom_domain(path):
+    from onnx import TensorProto, helper
+
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    evil = helper.make_graph([helper.make_node("Evil", [], ["y"], domain="com.example.evil")], "then", [], [out])
+    plain = helper.make_graph([helper.make_node("Constant", [], ["y"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))], "else", [], [out])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=evil, else_branch=plain)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])], [out])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
 def _custom_io_model(path):
@@ -255,6 +284,36 @@ def test_variant_failing_parity_is_not_served_and_says_why(tiny_models, private_
     asyncio.run(run())
 
 
+def _cut_lora_branches(path):
+    """A LoRA graph with the right inputs whose branches are disconnected: bare-base rows
+    still match torch, adapter rows would silently serve the bare base."""
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.name.endswith("/lora/Add"):
+            node.op_type = "Identity"
+            del node.input[1:]
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("variant", ["onnx", "onnx-int8"])
+def test_lora_graph_that_ignores_adapters_fails_parity(tiny_models, private_cache, variant):
+    spec = spec_of(tiny_models, "embed", onnx={"reload_poll_s": 0})
+    folder = variant_root(spec, tiny_models["embed"], private_cache) / variant
+    _cut_lora_branches(folder / "lora.onnx")
+
+    async def run():
+        from functools import partial
+
+        server = ModelServer(spec, variant, backend_factory=partial(create_backend, variant_cache=private_cache)).load()
+        info = server.variant_info()
+        assert info["status"] == "failed"
+        assert "with the probe adapter" in info["reason"]
+        assert info["parity"]["adapter_probe"]["mean_cosine"] < 0.99
+        server.close()
+
+    asyncio.run(run())
+
+
 def test_thresholds_come_from_config(tiny_models, cache):
     strict = spec_of(tiny_models, "embed", onnx={"reload_poll_s": 0, "parity": {"fp32_max_abs_diff": 1e-12}})
 
@@ -313,6 +372,22 @@ def test_reload_swaps_only_files_that_pass_parity_and_keeps_adapters(tiny_models
         np.testing.assert_allclose((await server.embed(TEXTS)).values, base, atol=1e-6)
         np.testing.assert_allclose((await server.classify(TEXTS, adapter=ref)).values, adapted, atol=1e-6)
         assert server.adapters.resident() == ["cls-a"]
+
+        # a resident adapter whose file changed on disk: the reload is refused rather than
+        # serving new content under the old key
+        weights_path = store / "cls-a" / "adapter_model.safetensors"
+        original = weights_path.read_bytes()
+        try:
+            weights_path.write_bytes(original[:-8] + bytes(8))
+            pristine.doc_string = "re-exported again"
+            onnx.save(pristine, str(folder / "model.next"))
+            (folder / "model.next").replace(folder / "model.onnx")
+            info = await server.reload()
+            assert info["last_reload"]["result"] == "rejected"
+            assert "'cls-a' changed on disk" in info["last_reload"]["reason"]
+            np.testing.assert_allclose((await server.classify(TEXTS, adapter=ref)).values, adapted, atol=1e-6)
+        finally:
+            weights_path.write_bytes(original)
         server.close()
 
     asyncio.run(run())
