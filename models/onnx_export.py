@@ -139,8 +139,9 @@ def ensure_variants(
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may have built it meanwhile
         if not force and _complete(root):
             return root
+        for stale in root.parent.glob(".build-*"):  # left by a build that was killed
+            shutil.rmtree(stale, ignore_errors=True)  # (we hold the lock: none is running)
         scratch = root.parent / f".build-{root.name}-{os.getpid()}"
-        shutil.rmtree(scratch, ignore_errors=True)
         try:
             _build(spec, source, scratch, say)
             failed = [v for v in ONNX_VARIANTS if not json.loads(

@@ -172,7 +172,15 @@ def _replace_under_load(client, service, folder):
         info = _wait_for_reload(client, "rejected", start)
         assert info["status"] == "serving" and info["files"] == old
         assert "parity" in info["last_reload"]["reason"]
-        # 2. a valid re-export (same weights, new bytes) of both graphs: swapped in
+        # 2. a corrupt file: refused before ONNX Runtime opens it, old session serves on
+        time.sleep(1)
+        start = int(time.time())
+        (folder / "model.next").write_bytes(b"\x08\x01garbage" * 1000)
+        (folder / "model.next").replace(folder / "model.onnx")
+        info = _wait_for_reload(client, "rejected", start)
+        assert info["status"] == "serving" and info["files"] == old
+        assert "not a readable ONNX model" in info["last_reload"]["reason"]
+        # 3. a valid re-export (same weights, new bytes) of both graphs: swapped in
         start = int(time.time())
         for name, model in pristine.items():
             model.doc_string = f"re-exported {time.time()}"
