@@ -94,7 +94,7 @@ class ModelServer:
         self.batcher: Batcher | None = None
         self.adapters: AdapterCache | None = None
         self.info: dict = {"status": "loading"}
-        self._loaded: dict[str, tuple] = {}  # adapter key -> add_adapter args (for a reload)
+        self._loaded: dict[str, tuple] = {}  # adapter key -> (ref, add_adapter args), for reloads
         self._watcher: asyncio.Task | None = None
         self._signature = None  # of the variant files last opened or tried (ONNX)
         self._watch_paths: list = []  # the files the watcher stats
