@@ -10,15 +10,18 @@ Pipeline (``ensure_variants``), each step printed with its time:
    LoRA branches and the attention-score products (activation x activation) stay fp32;
 4. ONNX Runtime graph optimization, applied offline at the ``extended`` level (fusions that are
    portable across x86 CPUs) and saved; sessions add the configured level when they open;
-5. the torch reference on the probe set (``models.parity``) and each variant's parity result,
-   written to its ``manifest.json``.
+5. a seeded random probe adapter (``write_probe_adapter``), the torch references on the probe
+   set (``models.parity``: bare, and with the probe adapter on every other row) and each
+   variant's parity result, written to its ``manifest.json``.
 
-Cache: ``<cache>/<model id>/<key>/{onnx,onnx-int8}/{model.onnx,lora.onnx,manifest.json}`` and
-``reference.npy``, where ``key`` hashes the checkpoint's bytes, the build settings and the
-versions of the tools. A build runs under a file lock (replicas of one machine wait for one
+Cache: ``<cache>/<model id>/<key>/{onnx,onnx-int8}/{model.onnx,lora.onnx,manifest.json}``,
+``reference.npy``, ``reference-adapter.npy`` and ``probe-adapter/``, where ``key`` hashes the
+checkpoint's bytes, the build settings (including what changes torch's outputs and the probe
+set) and the versions of the tools. A build runs under a file lock (replicas of one machine wait for one
 build) into a scratch folder renamed into place, so readers never see half a variant.
-``force=True`` rebuilds and replaces the files of an existing key one by one (atomic renames):
-running replicas notice and switch once the new files pass parity.
+``force=True`` rebuilds and, if the rebuilt variants pass parity, replaces the files of an
+existing key one by one (atomic renames): running replicas notice and switch once the new files
+pass parity in them too.
 """
 
 from __future__ import annotations
