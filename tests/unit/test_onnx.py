@@ -418,3 +418,51 @@ def test_export_cli_builds_then_reuses_the_cache(tiny_models, tmp_path, capfd):
     path.write_text(yaml.safe_dump(config))
     assert main(["export", "--config", str(path)]) == 1
     assert "building ONNX variants failed" in capfd.readouterr().err
+
+
+def test_watcher_picks_up_replaced_files_and_outlives_a_failing_reload(tiny_models, private_cache):
+    """The polling loop itself: a replaced file is tried once it holds still, an exception in a
+    reload is logged and the loop goes on, a missing file triggers nothing."""
+    from functools import partial
+
+    spec = spec_of(tiny_models, "embed", onnx={"reload_poll_s": 0.1})
+    folder = variant_root(spec, tiny_models["embed"], private_cache) / "onnx"
+    pristine = onnx.load(str(folder / "model.onnx"))
+
+    def replace(tag):
+        pristine.doc_string = tag
+        onnx.save(pristine, str(folder / "model.next"))
+        (folder / "model.next").replace(folder / "model.onnx")
+
+    async def until(predicate, timeout_s=30.0):
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, "the watcher did not act"
+            await asyncio.sleep(0.05)
+
+    async def run():
+        server = ModelServer(spec, "onnx", backend_factory=partial(create_backend, variant_cache=private_cache)).load()
+        first = server.variant_info()["files"]["model.onnx"]
+        real_reload, calls = server.reload, []
+
+        async def failing_once():
+            calls.append(1)
+            if len(calls) == 1:
+                server._signature = server._current_signature()
+                raise RuntimeError("boom")
+            return await real_reload()
+
+        server.reload = failing_once
+        replace("one")
+        await until(lambda: len(calls) == 1)  # it raised inside the watcher
+        replace("two")
+        await until(lambda: (server.variant_info().get("last_reload") or {}).get("result") == "replaced")
+        assert server.variant_info()["files"]["model.onnx"] != first
+        assert server._watcher is not None and not server._watcher.done()
+        # a missing file (mid-replacement, or a cleaned cache) does not trigger a reload
+        (folder / "model.onnx").rename(folder / "model.away")
+        await asyncio.sleep(0.5)
+        assert len(calls) == 2
+        server.close()
+
+    asyncio.run(run())
