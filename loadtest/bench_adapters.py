@@ -66,14 +66,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for _p in (str(HERE), str(REPO)):  # loadtest helpers, and serve/ + models/
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from scriptenv import HERE, REPO  # noqa: E402  (first: offline HF; loadtest helpers + repo importable)
 
 import cpuwatch  # noqa: E402
 import report  # noqa: E402
@@ -88,7 +81,7 @@ LORA_STD = 0.02
 HEAD_STD = 0.1  # classifier head: different enough that each adapter answers differently
 BASE = "minilm"
 REPLICA_MARK = "ray::ServeReplica:loraserve:Router"
-TITLE = "# LoRA adapters: many adapters (Zipf), mixed vs grouped batches, hot loads, memory"
+TITLE = "LoRA adapters: many adapters (Zipf), mixed vs grouped batches, hot loads, memory"
 
 
 # -- arguments -------------------------------------------------------------------------------
@@ -1287,8 +1280,7 @@ def main(argv: list[str] | None = None) -> int:
     raw.update(mixed=mixed, grouped=grouped, hot=hot, router_rss=rss_rows, bars=bar_res)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = report.machine_header(report.command_line(argv), notes)
-    header = TITLE + header.split("\n", 1)[1]
+    header = report.machine_header(report.command_line(argv), notes, title=TITLE)
     out.write_text(header + "\n" + text + "\n")
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print(text)

@@ -61,14 +61,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for _p in (str(HERE), str(REPO)):  # loadtest helpers, and serve/ + models/
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from scriptenv import HERE, REPO  # noqa: E402  (first: offline HF; loadtest helpers + repo importable)
 # Relative paths of the config (adapter stores, variant cache) mean the repository, as for
 # `make up`, wherever this script is started from; `loraserve up` inherits it.
 os.environ.setdefault("LORASERVE_HOME", str(REPO))
@@ -90,7 +83,7 @@ LONG_WORDS = (
 VARIANTS = ("torch", "onnx", "onnx-int8")
 SETUPS = ("inprocess", "served")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-TITLE = "# ONNX variants vs torch: in-process (1 thread) and served, one run"
+TITLE = "ONNX variants vs torch: in-process (1 thread) and served, one run"
 # all-MiniLM-L6-v2: 6 layers x (4 x 384 x 384 + 2 x 384 x 1536) weights of the linear layers
 LINEAR_PARAMS = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
 LAYERS, HIDDEN = 6, 384
@@ -838,8 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     raw.update(inprocess=inproc, served=served, served_info=served_info, key=key)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = report.machine_header(report.command_line(argv), notes)
-    header = TITLE + header.split("\n", 1)[1]
+    header = report.machine_header(report.command_line(argv), notes, title=TITLE)
     out.write_text(header + "\n" + text + "\n")
     json_path(out).write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print(text)

@@ -60,11 +60,14 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def machine_header(command: str, notes: list[str]) -> str:
+EMBEDDINGS_TITLE = "Embeddings throughput: loraserve vs. a plain FastAPI recipe vs. the in-process ceiling"
+
+
+def machine_header(command: str, notes: list[str], title: str = EMBEDDINGS_TITLE) -> str:
     """Where and how the numbers were taken; numbers without this are not comparable."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# Embeddings throughput: loraserve vs. a plain FastAPI recipe vs. the in-process ceiling",
+        f"# {title}",
         "",
         f"- date: {now}",
         f"- CPU: {_cpu_model()}, {os.cpu_count()} cores; RAM {_ram_gib()}",

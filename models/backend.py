@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import TaskNotSupported, ModelLoadError, VariantNotFound
-from models.spec import ModelSpec
+from models.spec import ONNX_VARIANTS, ModelSpec
 from models.tokenization import Input, InputEncoder
 
 HEALTH_PROBE = "health check"
@@ -57,6 +57,10 @@ class Backend(ABC):
     def remove_adapter(self, name: str) -> None:
         """Free an adapter; only called when no batch in flight uses it."""
         raise TaskNotSupported(f"the {self.variant} backend does not serve adapters")
+
+    def loaded_adapters(self) -> list[str]:
+        """Names of the adapters loaded in this backend."""
+        return []
 
     def encode(self, inputs: Sequence[Input], *, truncate: bool = False) -> list[list[int]]:
         if self.encoder is None:
@@ -107,7 +111,7 @@ def create_backend(spec: ModelSpec, variant: str, variant_cache: Path | None = N
         from models.torch_backend import TorchBackend
 
         return TorchBackend(spec, path)
-    if variant in ("onnx", "onnx-int8"):
+    if variant in ONNX_VARIANTS:
         from models.onnx_backend import OnnxBackend
         from models.onnx_export import ensure_variants
 

@@ -112,9 +112,6 @@ class OnnxBackend(Backend):
         self.files = {name: self.folder / name for name in ("model.onnx", "lora.onnx")}
         self.file_sha256: dict[str, str] = {}
 
-    def signature(self) -> tuple:
-        return files_signature(self.files.values())
-
     def load(self) -> None:
         import onnxruntime as ort
         from transformers import AutoConfig, AutoTokenizer
@@ -123,7 +120,6 @@ class OnnxBackend(Backend):
 
         if self.spec.task not in ("embed", "classify"):
             raise TaskNotSupported(f"the ONNX backend does not serve {self.spec.task!r}")
-        self.loaded_signature = self.signature()
         kw = dict(local_files_only=True, trust_remote_code=False)
         try:
             config = AutoConfig.from_pretrained(self.path, **kw)
@@ -205,6 +201,9 @@ class OnnxBackend(Backend):
 
     def remove_adapter(self, name: str) -> None:
         self.slots.remove(name)
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self.slots.tasks)
 
     def predict(self, rows: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None,
                 graph: str | None = None):

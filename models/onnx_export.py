@@ -39,9 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import ModelLoadError
-from models.spec import ModelSpec
+from models.spec import ONNX_VARIANTS, ModelSpec
 
-ONNX_VARIANTS = ("onnx", "onnx-int8")
 FILES = ("model.onnx", "lora.onnx")
 MANIFEST = "manifest.json"
 REFERENCE = "reference.npy"  # torch, probe set, bare base

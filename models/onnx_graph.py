@@ -81,11 +81,6 @@ def add_lora_inputs(model) -> dict[str, tuple[int, int]]:
     return modules
 
 
-def lora_node_names(model) -> list[str]:
-    """Nodes of the LoRA branches: kept in fp32 when the rest is quantized."""
-    return [n.name for n in model.graph.node if "/lora/" in n.name]
-
-
 def check_model_file(path: Path) -> bytes:
     """Read ``path`` once, check it (``check_model_bytes``) and return the bytes: the session
     is then created from exactly what was checked, even if the file is replaced meanwhile."""

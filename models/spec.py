@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Task = Literal["embed", "classify", "generate"]
 VariantName = Literal["torch", "onnx", "onnx-int8"]
 VARIANT_NAMES: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
+ONNX_VARIANTS: tuple[str, ...] = ("onnx", "onnx-int8")  # built by models.onnx_export
 
 # Names users put in the `model` string. Hub-style ids (`org/name`) are allowed for bases.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
@@ -85,15 +86,16 @@ class OnnxSpec(_Strict):
     )
     spinning: bool = Field(
         False, description="Let idle ORT threads spin (lower latency, one busy core per "
-        "thread); off cut an idle replica's CPU about 3x.",
+        "thread); off cut an idle replica's CPU about 3x (DESIGN.md's measurements).",
     )
     quantization: Literal["auto", "avx512_vnni", "avx512", "avx2", "arm64"] = Field(
         "auto", description="Dynamic int8 config (optimum's AutoQuantizationConfig); `auto` "
         "picks it from this CPU's instruction set.",
     )
     per_channel: bool = Field(
-        True, description="Per-channel weight scales (measured on MiniLM: mean cosine 0.9915 "
-        "vs 0.984 per-tensor, same speed).",
+        True, description="Per-channel weight scales. On all-MiniLM-L6-v2 int8 reaches a mean "
+        "cosine of 0.9923 with them and 0.9569 per-tensor, which fails the gate "
+        "(loadtest/results/variants-build.md).",
     )
     reload_poll_s: float = Field(
         2.0, ge=0, description="How often a replica checks its variant files for replacement "

@@ -57,6 +57,9 @@ class TorchBackend(Backend):
     def remove_adapter(self, name: str) -> None:
         self.lora.remove(name)
 
+    def loaded_adapters(self) -> list[str]:
+        return list(self.lora.tasks)
+
     @torch.inference_mode()
     def predict(
         self, rows: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from models.spec import ONNX_VARIANTS
 from serve.settings import AppSettings
 
 DEFAULT_CONFIG = "deploy/local.yaml"
@@ -168,7 +169,7 @@ def prepare_variants(settings: AppSettings, force: bool = False) -> bool:
     import multiprocessing
 
     specs = [s.model_dump(mode="json") for s in settings.models
-             if {"onnx", "onnx-int8"} & set(s.variants)]
+             if set(ONNX_VARIANTS) & set(s.variants)]
     if not specs:
         return True
     child = multiprocessing.get_context("spawn").Process(

@@ -37,13 +37,12 @@ from models.errors import (
     VariantUnavailable,
 )
 from models.postprocess import shorten_embeddings
-from models.spec import ModelSpec
+from models.spec import ONNX_VARIANTS, ModelSpec
 from models.tokenization import Input
 from serve.adapter_cache import AdapterCache
 from serve.batching import Batcher
 
 log = logging.getLogger("loraserve")
-ONNX = ("onnx", "onnx-int8")
 
 
 async def _within(coro, timeout_s: float):
@@ -109,7 +108,7 @@ class ModelServer:
             self._signature = self._current_signature()
             parity = self._open(backend)
         except Exception as exc:
-            if self.variant not in ONNX:
+            if self.variant not in ONNX_VARIANTS:
                 raise
             self._fail(exc)
             _close_quietly(backend)
@@ -130,7 +129,7 @@ class ModelServer:
             observer=self._observer,
             on_residency=self._on_residency,
         )
-        if self.variant in ONNX and self.spec.onnx.reload_poll_s > 0:
+        if self.variant in ONNX_VARIANTS and self.spec.onnx.reload_poll_s > 0:
             try:
                 self._watcher = asyncio.get_running_loop().create_task(self._watch())
             except RuntimeError:  # no event loop (offline use): no watching
@@ -142,7 +141,7 @@ class ModelServer:
         """Load ``backend``; for an ONNX variant, run the parity gate. Returns the parity
         result; raises ``VariantUnavailable`` (with it) when the variant must not serve."""
         backend.load()
-        if self.variant not in ONNX:
+        if self.variant not in ONNX_VARIANTS:
             return None
         from models.onnx_export import reference_for
         from models.parity import check_variant
@@ -225,7 +224,7 @@ class ModelServer:
             self._watch_paths = list(getattr(new, "files", {}).values()) or self._watch_paths
             parity = await loop.run_in_executor(None, self._open, new)
             while True:  # adapters loaded meanwhile are added too, then the swap is atomic
-                missing = {k: v for k, v in self._loaded.items() if k not in new_keys(new)}
+                missing = {k: v for k, v in self._loaded.items() if k not in new.loaded_adapters()}
                 if not missing:
                     break
                 for key, (ref, _) in missing.items():
@@ -247,7 +246,7 @@ class ModelServer:
             log.error("replacement files of %s@%s rejected, the serving ones stay: %s",
                       self.spec.id, self.variant, message)
             return self.variant_info()
-        for key in set(new_keys(new)) - set(self._loaded):
+        for key in set(new.loaded_adapters()) - set(self._loaded):
             new.remove_adapter(key)  # unloaded while the new backend was being prepared
         self.backend = new
         self.batcher.set_runner(new.predict)
@@ -410,9 +409,3 @@ def _close_quietly(backend: Backend | None) -> None:
             backend.close()
         except Exception:  # a half-loaded backend may fail to close; it is dropped anyway
             pass
-
-
-def new_keys(backend: Backend) -> list[str]:
-    """Adapters loaded in a backend (both implementations keep them in ``tasks``)."""
-    slots = getattr(backend, "slots", None) or getattr(backend, "lora", None)
-    return list(slots.tasks) if slots is not None else []

@@ -119,15 +119,23 @@ def test_variant_that_fails_parity_is_listed_with_its_reason_and_answers_503(cli
     assert "parity" in health.json()["models"]["strict@onnx"]
 
 
-def _wait_for_reload(client, result, after, timeout_s=60):
+def _wait(predicate, what, timeout_s=60):
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        info = variants(client, "tiny")["onnx"]
-        last = info.get("last_reload") or {}
-        if last.get("result") == result and last.get("at", 0) >= after:
-            return info
-        time.sleep(0.2)
-    raise AssertionError(f"no {result} reload seen: {info}")
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _next_reload(client, previous):
+    """The variant's info once its ``last_reload`` differs from ``previous`` (a new attempt)."""
+    box = {}
+
+    def changed():
+        box["info"] = variants(client, "tiny")["onnx"]
+        return box["info"].get("last_reload") not in (None, previous)
+
+    _wait(changed, "a reload of tiny@onnx")
+    return box["info"]
 
 
 def test_replacing_variant_files_under_load_fails_no_request(client, admin, service, adapter_store):
@@ -158,10 +166,10 @@ def _replace_under_load(client, service, folder):
     for t in threads:
         t.start()
     try:
-        time.sleep(1)
-        old = variants(client, "tiny")["onnx"]["files"]
+        _wait(lambda: done[0] >= 10, "traffic to start")
+        info = variants(client, "tiny")["onnx"]
+        old = info["files"]
         # 1. files that load but fail parity (weights scaled): rejected, old session serves on
-        start = int(time.time())
         broken = onnx.load(str(folder / "model.onnx"))
         for i, init in enumerate(broken.graph.initializer):
             arr = numpy_helper.to_array(init)
@@ -169,32 +177,31 @@ def _replace_under_load(client, service, folder):
                 broken.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr * 1.5, init.name))
         onnx.save(broken, str(folder / "model.next"))
         (folder / "model.next").replace(folder / "model.onnx")
-        info = _wait_for_reload(client, "rejected", start)
+        info = _next_reload(client, info.get("last_reload"))
+        assert info["last_reload"]["result"] == "rejected"
         assert info["status"] == "serving" and info["files"] == old
         assert "parity" in info["last_reload"]["reason"]
         # 2. a corrupt file: refused before ONNX Runtime opens it, old session serves on
-        time.sleep(1)
-        start = int(time.time())
         (folder / "model.next").write_bytes(b"\x08\x01garbage" * 1000)
         (folder / "model.next").replace(folder / "model.onnx")
-        info = _wait_for_reload(client, "rejected", start)
+        info = _next_reload(client, info["last_reload"])
+        assert info["last_reload"]["result"] == "rejected"
         assert info["status"] == "serving" and info["files"] == old
         assert "not a readable ONNX model" in info["last_reload"]["reason"]
-        # 3. a valid re-export (same weights, new bytes) of both graphs: swapped in
-        start = int(time.time())
+        # 3. a valid re-export (same weights, new bytes) of both graphs: swapped in (the watcher
+        # may try model.onnx alone first; either way it ends on both new files)
+        previous = info["last_reload"]
         for name, model in pristine.items():
             model.doc_string = f"re-exported {time.time()}"
             onnx.save(model, str(folder / f"{name}.next"))
             (folder / f"{name}.next").replace(folder / name)
-        deadline = time.monotonic() + 60
-        while True:
-            info = _wait_for_reload(client, "replaced", start)
-            want = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest()[:16] for n in pristine}
-            if info["files"] == want or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        assert info["files"] == want and info["status"] == "serving"
-        time.sleep(1)
+        want = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest()[:16] for n in pristine}
+        _wait(lambda: variants(client, "tiny")["onnx"].get("files") == want, "the new files to serve")
+        info = variants(client, "tiny")["onnx"]
+        assert info["last_reload"] != previous and info["last_reload"]["result"] == "replaced"
+        assert info["status"] == "serving"
+        after_swap = done[0]
+        _wait(lambda: done[0] >= after_swap + 20, "traffic on the new session")
     finally:
         stop.set()
         for t in threads:
