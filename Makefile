@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 up: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/loraserve up --config $(CONFIG)
 
+# Lint and import contracts first (seconds), then unit, model and integration tests.
 test: $(STAMP)
+	$(VENV)/bin/ruff check serve models tests
+	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -40,8 +43,8 @@ bench-variants: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) loadtest/bench_variants.py $(BENCH_ARGS)
 
 adapters: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m models.finetune --train models/data/sentiment/train.jsonl --eval models/data/sentiment/test.jsonl --out adapters/sentiment --overwrite
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m models.finetune --train models/data/topic/train.jsonl --eval models/data/topic/test.jsonl --out adapters/topic --overwrite
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m models.training.finetune --train models/data/sentiment/train.jsonl --eval models/data/sentiment/test.jsonl --out adapters/sentiment --overwrite
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m models.training.finetune --train models/data/topic/train.jsonl --eval models/data/topic/test.jsonl --out adapters/topic --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,8 @@
 """The one seam between serving and tensors.
 
-``Backend`` is the interface the serving layer talks to; ``create_backend`` is the only place
-that knows which implementation serves which variant. Lifecycle: construct (cheap, no I/O) ->
+``Backend`` is the interface the serving layer talks to; ``models.factory.create_backend`` is
+the only place that knows which implementation serves which variant. This module is a leaf: it
+imports only errors, specs and tokenization. Lifecycle: construct (cheap, no I/O) ->
 ``load()`` (reads weights, may take seconds) -> ``predict()`` many times -> ``close()``.
 
 Outputs are numpy arrays so nothing above this layer imports torch:
@@ -16,13 +17,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from models.errors import TaskNotSupported, ModelLoadError, VariantNotFound
-from models.spec import ONNX_VARIANTS, ModelSpec
+from models.errors import ModelLoadError, TaskNotSupported
+from models.spec import ModelSpec
 from models.tokenization import Input, InputEncoder
-
-HEALTH_PROBE = "health check"
 
 
 class Backend(ABC):
@@ -62,16 +59,18 @@ class Backend(ABC):
         """Names of the adapters loaded in this backend."""
         return []
 
+    def watched_files(self) -> list[Path]:
+        """Files whose replacement should reload this backend (ONNX graphs); none for torch."""
+        return []
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of each file this backend opened, by name (reported in ``/v1/models``)."""
+        return {}
+
     def encode(self, inputs: Sequence[Input], *, truncate: bool = False) -> list[list[int]]:
         if self.encoder is None:
             raise ModelLoadError(f"model {self.spec.id!r} is not loaded")
         return self.encoder.encode(inputs, truncate=truncate)
-
-    def health(self) -> None:
-        """A tiny real inference; raises if the backend cannot serve."""
-        out = self.predict(self.encode([HEALTH_PROBE]))
-        if out.shape[0] != 1 or not np.all(np.isfinite(out)):
-            raise ModelLoadError(f"model {self.spec.id!r} produced no finite output")
 
     def close(self) -> None:
         """Release weights; the backend must not be used afterwards."""
@@ -93,29 +92,3 @@ def max_input_tokens(spec: ModelSpec, path: Path, tokenizer, config) -> int:
     if not limits:
         raise ModelLoadError(f"cannot tell the input limit of {spec.id!r}; set max_input_tokens")
     return int(min(limits))
-
-
-def create_backend(spec: ModelSpec, variant: str, variant_cache: Path | None = None) -> Backend:
-    """The single factory: pick the implementation for a variant. Nothing is loaded yet, except
-    that an ONNX variant missing from ``variant_cache`` is built first (``models.onnx_export``;
-    ``loraserve up`` builds them before any replica starts)."""
-    from models.sources import resolve_source
-
-    if variant not in spec.variants:
-        raise VariantNotFound(
-            f"model {spec.id!r} has no variant {variant!r}; it serves {', '.join(spec.variants)}",
-            param="model",
-        )
-    path = resolve_source(spec.source)
-    if variant == "torch":
-        from models.torch_backend import TorchBackend
-
-        return TorchBackend(spec, path)
-    if variant in ONNX_VARIANTS:
-        from models.onnx_backend import OnnxBackend
-        from models.onnx_export import ensure_variants
-
-        if variant_cache is None:
-            raise ModelLoadError(f"no variant cache folder given for {spec.id}@{variant}")
-        return OnnxBackend(spec, path, variant, ensure_variants(spec, variant_cache) / variant)
-    raise VariantNotFound(f"variant {variant!r} is not available in this build", param="model")

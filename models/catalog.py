@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from models.adapters import AdapterRef
+from models.adapters.identity import AdapterRef
 from models.errors import AdapterNotFound, ModelNotFound, VariantNotFound
 from models.spec import ModelSpec
 from models.target import Target
@@ -20,11 +20,6 @@ class Resolved:
     spec: ModelSpec
     variant: str
     adapter: AdapterRef | None = None
-
-    @property
-    def task(self) -> str:
-        """What the request gets: the adapter's task when there is one, else the base's."""
-        return self.adapter.task if self.adapter is not None else self.spec.task
 
 
 class Catalog:

@@ -1,7 +1,8 @@
 """Typed domain errors of the model layer.
 
-They know nothing of HTTP: ``serve.errors`` holds the one table that maps each class to a
-status code and the OpenAI error envelope. Every error carries a stable string ``code`` (part of
+One hierarchy for the whole service (the model layer raises most of them; the ingress raises
+the request-level ones at the bottom). They know nothing of HTTP: ``serve.errors`` holds the one
+table that maps each class to a status code and the OpenAI error envelope. Every error carries a stable string ``code`` (part of
 the public contract) and optionally the request ``param`` it is about. Messages name the
 offending value and the limit it broke.
 """
@@ -33,6 +34,12 @@ class InvalidRequest(ServiceError):
     """The request is well-formed JSON but asks for something invalid."""
 
     code = "invalid_request"
+
+
+class InvalidAdapter(InvalidRequest):
+    """An adapter's files, config or weights are refused (``models.adapters``)."""
+
+    code = "invalid_adapter"
 
 
 class InputTooLong(InvalidRequest):
@@ -100,3 +107,30 @@ class ModelLoadError(ServiceError):
     """A model (or variant) could not be loaded from its source."""
 
     code = "model_load_failed"
+
+
+class AdapterLoadFailed(ModelLoadError):
+    """A registered adapter could not be loaded in this replica (files changed or broken)."""
+
+    code = "adapter_load_failed"
+
+
+# -- request-level errors, raised by the ingress before a model is involved ------------------
+class Unauthorized(ServiceError):
+    code = "invalid_api_key"
+
+
+class Forbidden(ServiceError):
+    code = "forbidden"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    code = "unsupported_media_type"
+
+
+class MethodNotAllowed(ServiceError):
+    code = "method_not_allowed"

@@ -6,7 +6,7 @@ transposed, so both matmuls read contiguous memory; the adapter's scale folded i
 rows of the bare base. A forward pass takes one slot index per row and adds
 ``(x @ At[slot]) @ Bt[slot]`` to the base output: one gathered batched matmul per module,
 whatever the number of distinct adapters in the batch (the Punica/S-LoRA "BGMV" shape; the
-ONNX path will use the same stacks).
+ONNX backend keeps the same stacks as numpy arrays and feeds them to its graph).
 
 Why not peft's ``add_adapter`` + ``adapter_names``: peft creates new modules per adapter on
 every load (tens of ms) and splits each layer's work per distinct adapter in a batch.
@@ -20,13 +20,15 @@ results exact (the padded products are exact zeros). Outputs equal peft's to flo
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 
-from models.adapters import WEIGHTS_FILE, AdapterCheck, InvalidAdapter
+from models.adapters.config import WEIGHTS_FILE
+from models.adapters.validation import AdapterCheck
+from models.adapters.weights import classifier_head, read_lora
+from models.errors import InvalidAdapter
+from models.slot_book import SlotBook
 
 BASE_SLOT = 0
 
@@ -118,92 +120,6 @@ class SlotLinear(torch.nn.Module):
         return y
 
 
-def read_adapter(check: AdapterCheck, module_names: set[str]) -> tuple[dict, dict]:
-    """Adapter tensors -> ({served module: (A, B)}, head tensors)."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    head = {}
-    for key, tensor in load_file(check.path / WEIGHTS_FILE).items():
-        key = key.removeprefix("base_model.model.")
-        if ".lora_A." in key or ".lora_B." in key:
-            marker = ".lora_A." if ".lora_A." in key else ".lora_B."
-            module = _served_name(key.split(marker)[0], module_names)
-            pairs.setdefault(module, {})[marker[1:-1]] = tensor
-        else:
-            head[key.replace(".modules_to_save.default", "")] = tensor
-    return {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}, head
-
-
-def _served_name(module: str, module_names: set[str]) -> str:
-    parts = module.split(".")
-    for i in range(len(parts)):
-        name = ".".join(parts[i:])
-        if name in module_names:
-            return name
-    raise InvalidAdapter(f"target module {module!r} does not exist in the served model", param="lora_path")
-
-
-def classifier_head(head_tensors: dict, labels: tuple[str, ...]) -> Head:
-    weight = next((v for k, v in head_tensors.items() if k.endswith("classifier.weight")), None)
-    bias = next((v for k, v in head_tensors.items() if k.endswith("classifier.bias")), None)
-    if weight is None or bias is None or weight.dim() != 2:
-        raise InvalidAdapter("classification adapter has no classifier head weights", param="lora_path")
-    if not labels:
-        labels = tuple(f"LABEL_{i}" for i in range(weight.shape[0]))
-    if len(labels) != weight.shape[0]:
-        raise InvalidAdapter(
-            f"adapter names {len(labels)} labels but its head has {weight.shape[0]} outputs",
-            param="lora_path",
-        )
-    # clone: a view would keep the whole memory-mapped adapter file alive
-    return Head(weight.float().clone(), bias.float().clone(), labels)
-
-
-class SlotBook:
-    """Which adapter holds which slot (slot 0 is the bare base), with each adapter's task and
-    head; shared by the torch stacks here and the ONNX ones (``models.onnx_backend.Slots``).
-    Updates hold ``_lock``; readers (forward passes) only do single dict reads."""
-
-    def __init__(self, slots: int):
-        self._lock = threading.Lock()
-        self._slots = max(slots, 1) + 1  # capacity, + the base slot
-        self.slot_of: dict[str, int] = {}
-        self._free: list[int] = []
-        self.heads: dict = {}
-        self.tasks: dict[str, str] = {}
-
-    def _take_slot(self) -> int:
-        """A free slot; the capacity doubles when every slot is taken."""
-        if self._free:
-            return self._free.pop()
-        used = len(self.slot_of) + 1
-        if used >= self._slots:
-            self._slots *= 2
-        return used
-
-    def _check_new(self, name: str) -> None:
-        if name in self.tasks:
-            raise InvalidAdapter(f"adapter name {name!r} is already loaded here", param="lora_name")
-
-    def _commit(self, name: str, slot: int, task: str, head) -> None:
-        if head is not None:  # head first: a row may use the adapter once it has a slot
-            self.heads[name] = head
-        self.tasks[name] = task
-        self.slot_of[name] = slot
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            slot = self.slot_of.pop(name, None)
-            if slot is None:
-                return
-            self.tasks.pop(name)
-            self.heads.pop(name, None)
-            self._release(slot)
-            self._free.append(slot)
-
-    def _release(self, slot: int) -> None:
-        """Hook: the slot no longer serves an adapter."""
-
-
 class LoraEncoder(SlotBook):
     """The served encoder plus its adapters in slots.
 
@@ -220,10 +136,6 @@ class LoraEncoder(SlotBook):
         self._modules = {name: m for name, m in encoder.named_modules()}
         self._wrapped: dict[str, SlotLinear] = {}
         self._batch = _Batch()
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.encoder
 
     def _wrap(self, name: str) -> SlotLinear:
         mod = self._wrapped.get(name)
@@ -243,15 +155,16 @@ class LoraEncoder(SlotBook):
 
     def _add(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...]) -> None:
         self._check_new(name)
-        pairs, head_tensors = read_adapter(check, set(self._modules))
-        new_head = classifier_head(head_tensors, labels) if task == "classify" else None
+        weights = read_lora(check.path / WEIGHTS_FILE, set(self._modules))
+        pairs = {m: (torch.from_numpy(a), torch.from_numpy(b)) for m, (a, b) in weights.pairs.items()}
+        new_head = None
+        if task == "classify":
+            w, b, names = classifier_head(weights.head, labels)
+            new_head = Head(torch.from_numpy(w), torch.from_numpy(b), names)
         scale = check.alpha / (math.sqrt(check.rank) if check.use_rslora else check.rank)
-        for module, (a, b) in pairs.items():
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-                raise InvalidAdapter(f"module {module!r} has malformed LoRA matrices", param="lora_path")
         slot = self._take_slot()
         fresh = [m for m in pairs if m not in self._wrapped]
-        for module, (a, b) in pairs.items():
+        for module, (a, _) in pairs.items():
             self._wrap(module).ensure(self._slots, a.shape[0])
         for module in fresh:  # a newly adapted module: the adapters already loaded are zero there
             for other in self.slot_of.values():

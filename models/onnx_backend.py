@@ -1,6 +1,6 @@
 """ONNX Runtime implementation of ``Backend`` (variants ``onnx`` and ``onnx-int8``), with LoRA.
 
-A variant folder (``models.onnx_export``) holds two graphs of the same encoder: ``model.onnx``
+A variant folder (``models.variants.build``) holds two graphs of the same encoder: ``model.onnx``
 (plain, fastest) and ``lora.onnx`` (LoRA stacks as inputs, ``models.onnx_graph``). A batch of
 bare-base rows runs the plain graph; a batch with any adapter row runs the LoRA graph with each
 row's slot index (slot 0 = zeros = the bare base), so one run mixes adapters, as the torch path
@@ -25,28 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from models.adapters import AdapterCheck, InvalidAdapter
+from models.adapters.config import WEIGHTS_FILE
+from models.adapters.validation import AdapterCheck
+from models.adapters.weights import classifier_head, read_lora
 from models.backend import Backend, max_input_tokens
-from models.errors import ModelLoadError, TaskNotSupported
-from models.lora_slots import SlotBook
-from models.onnx_graph import LORA_INDEX, check_model_file, lora_input_names
+from models.errors import InvalidAdapter, ModelLoadError, TaskNotSupported
+from models.onnx_graph import FILES, LORA_INDEX, MANIFEST, check_model_file, lora_input_names
+from models.slot_book import SlotBook
 from models.tokenization import InputEncoder
 
 POOLER = "pooler.dense"
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
            "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-
-
-def files_signature(paths) -> tuple:
-    """Size, mtime and inode of each file (None when missing): a change means a replacement."""
-    out = []
-    for p in paths:
-        try:
-            st = Path(p).stat()
-            out.append((st.st_size, st.st_mtime_ns, st.st_ino))
-        except OSError:
-            out.append(None)
-    return tuple(out)
 
 
 class Slots(SlotBook):
@@ -65,21 +55,18 @@ class Slots(SlotBook):
         return np.zeros((slots, d_in, rank), np.float32), np.zeros((slots, rank, d_out), np.float32)
 
     def add(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...] = ()) -> None:
-        from models.lora_slots import classifier_head, read_adapter
-
-        pairs, head_tensors = read_adapter(check, set(self.modules))
+        weights = read_lora(check.path / WEIGHTS_FILE, set(self.modules))
         head = None
         if task == "classify":
-            h = classifier_head(head_tensors, labels)
-            head = (h.weight.numpy(), h.bias.numpy())
+            w, b, _ = classifier_head(weights.head, labels)
+            head = (w, b)
         scale = check.alpha / (math.sqrt(check.rank) if check.use_rslora else check.rank)
         mats = {}
-        for module, (a, b) in pairs.items():
+        for module, (a, b) in weights.pairs.items():
             d_in, d_out = self.modules[module]
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] \
-                    or tuple(a.shape[1:]) != (d_in,) or b.shape[0] != d_out:
+            if a.shape[1] != d_in or b.shape[0] != d_out:
                 raise InvalidAdapter(f"module {module!r} has malformed LoRA matrices", param="lora_path")
-            mats[module] = (a.float().numpy().T, (b.float().numpy() * scale).T)  # [in, r], [r, out]
+            mats[module] = (a.T, (b * scale).T)  # [in, r], [r, out]
         with self._lock:
             self._check_new(name)
             slot = self._take_slot()
@@ -109,14 +96,12 @@ class OnnxBackend(Backend):
         super().__init__(spec, path)
         self.variant = variant
         self.folder = Path(folder)
-        self.files = {name: self.folder / name for name in ("model.onnx", "lora.onnx")}
+        self.files = {name: self.folder / name for name in FILES}
         self.file_sha256: dict[str, str] = {}
 
     def load(self) -> None:
         import onnxruntime as ort
         from transformers import AutoConfig, AutoTokenizer
-
-        from models.onnx_export import MANIFEST
 
         if self.spec.task not in ("embed", "classify"):
             raise TaskNotSupported(f"the ONNX backend does not serve {self.spec.task!r}")
@@ -204,6 +189,12 @@ class OnnxBackend(Backend):
 
     def loaded_adapters(self) -> list[str]:
         return list(self.slots.tasks)
+
+    def watched_files(self) -> list[Path]:
+        return list(self.files.values())
+
+    def file_digests(self) -> dict[str, str]:
+        return dict(self.file_sha256)
 
     def predict(self, rows: Sequence[Sequence[int]], adapters: Sequence[str | None] | None = None,
                 graph: str | None = None):

@@ -21,6 +21,8 @@ from pathlib import Path
 from models.errors import ModelLoadError
 
 LORA_INDEX = "lora_index"
+FILES = ("model.onnx", "lora.onnx")  # a variant folder: the plain graph and the LoRA one
+MANIFEST = "manifest.json"  # beside them: build settings, adapted modules, parity at build
 # Operator domains ONNX Runtime's CPU build implements itself (no custom-op library needed).
 ALLOWED_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc"}
 MAX_MODEL_BYTES = 4 << 30

@@ -12,10 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Task = Literal["embed", "classify", "generate"]
+Task = Literal["embed", "classify"]
 VariantName = Literal["torch", "onnx", "onnx-int8"]
 VARIANT_NAMES: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
-ONNX_VARIANTS: tuple[str, ...] = ("onnx", "onnx-int8")  # built by models.onnx_export
+ONNX_VARIANTS: tuple[str, ...] = ("onnx", "onnx-int8")  # built by models.variants.build
 
 # Names users put in the `model` string. Hub-style ids (`org/name`) are allowed for bases.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
@@ -61,7 +61,7 @@ class AdapterPolicy(_Strict):
 
 class ParitySpec(_Strict):
     """What an ONNX variant must match before it serves (against torch, on the probe set
-    ``models/data/probe.txt``; see ``models.parity``)."""
+    ``models/data/probe.txt``; see ``models.variants.parity``)."""
 
     fp32_max_abs_diff: float = Field(
         1e-4, gt=0, description="`onnx`: largest allowed absolute difference of any embedding "
@@ -85,8 +85,8 @@ class OnnxSpec(_Strict):
         "all", description="ONNX Runtime's graph optimization level when a session is created.",
     )
     spinning: bool = Field(
-        False, description="Let idle ORT threads spin (lower latency, one busy core per "
-        "thread); off cut an idle replica's CPU about 3x (DESIGN.md's measurements).",
+        False, description="Let idle ORT threads spin: slightly lower latency, but each "
+        "thread keeps a core busy while the replica is idle.",
     )
     quantization: Literal["auto", "avx512_vnni", "avx512", "avx2", "arm64"] = Field(
         "auto", description="Dynamic int8 config (optimum's AutoQuantizationConfig); `auto` "
@@ -117,7 +117,7 @@ class ModelSpec(_Strict):
         description="Hugging Face hub id this model is known by; accepted as an alias in the "
         "`model` string and used to check adapter compatibility. Never downloaded.",
     )
-    task: Task = Field(description="`embed`, `classify` or `generate`.")
+    task: Task = Field(description="`embed` or `classify`.")
     max_input_tokens: int | None = Field(
         None,
         ge=2,
@@ -144,7 +144,7 @@ class ModelSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _default_variant_served(self) -> "ModelSpec":
+    def _default_variant_served(self) -> ModelSpec:
         if self.default_variant not in self.variants:
             raise ValueError(
                 f"default_variant {self.default_variant!r} is not in variants {self.variants}"

@@ -24,7 +24,7 @@ class Target:
     variant: str | None = None
 
     @classmethod
-    def parse(cls, text: object) -> "Target":
+    def parse(cls, text: object) -> Target:
         if not isinstance(text, str) or not text:
             raise InvalidRequest("`model` must be a non-empty string", param="model")
         if len(text) > MAX_MODEL_STRING:

@@ -1,5 +1,8 @@
-"""Ray Serve wiring of loraserve: settings, schemas, router, model servers, metrics, errors.
+"""Ray Serve wiring of loraserve, in layers that import only downward (import-linter checks):
+``cli`` -> ``launcher`` -> ``app`` -> ``ingress`` (HTTP routes) -> ``server`` (admission,
+batching, adapter residency) -> ``registry`` -> ``metrics``, ``errors``, ``settings`` -> the
+Ray-free engine in ``models``.
 
-Import modules directly (``from serve.router import Router``); this package's ``__init__``
-stays empty of Ray imports so ``models`` tests never start Ray.
+Import modules directly (``from serve.ingress.app import Router``); this package's ``__init__``
+stays empty so ``models`` tests never import Ray.
 """

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from serve.deployments import ModelServerDeployment, deployment_name
-from serve.router import Router
+from serve.ingress.app import Router
+from serve.server.deployment import ModelServerDeployment, deployment_name
 from serve.settings import AppSettings
 
 

@@ -6,7 +6,7 @@
   ONNX variants the config serves, with progress and each variant's parity result; ``--force``
   rebuilds and replaces the files, which running replicas pick up once the new ones pass parity.
 - ``loraserve train --train data.jsonl --out adapters/NAME [...]``: fine-tune a LoRA
-  classification adapter (``models.finetune``; ``loraserve train --help`` lists the options).
+  classification adapter (``models.training.finetune``; ``loraserve train --help`` lists the options).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # its own parser lives with the training code (Ray-free)
-        from models.finetune import main as train_main
+        from models.training.finetune import main as train_main
 
         return train_main(argv[1:], prog="loraserve train")
     parser = argparse.ArgumentParser(prog="loraserve")

@@ -1,7 +1,7 @@
-"""The one error table: domain error class -> HTTP status and OpenAI error ``type``.
+"""The one error table: error class (``models.errors``) -> HTTP status and OpenAI error ``type``.
 
-Everything the service reports goes through ``error_body``/``classify_exception`` so a status is
-decided in exactly one place. Unknown exceptions become ``500 internal_error`` with no traceback
+Everything the service reports goes through ``as_service_error`` and ``error_body``, so a status
+is decided in exactly one place. Unknown exceptions become ``500 internal_error`` with no traceback
 in the body (the traceback goes to the log).
 """
 
@@ -11,40 +11,21 @@ import logging
 
 from models.errors import (
     Conflict,
+    Forbidden,
     InferenceTimeout,
     InvalidRequest,
+    MethodNotAllowed,
     ModelLoadError,
     NotFound,
     NotReady,
     Overloaded,
+    PayloadTooLarge,
     ServiceError,
+    Unauthorized,
+    UnsupportedMediaType,
 )
 
 log = logging.getLogger("loraserve")
-
-
-class Unauthorized(ServiceError):
-    code = "invalid_api_key"
-
-
-class Forbidden(ServiceError):
-    code = "forbidden"
-
-
-class PayloadTooLarge(ServiceError):
-    code = "payload_too_large"
-
-
-class UnsupportedMediaType(ServiceError):
-    code = "unsupported_media_type"
-
-
-class MethodNotAllowed(ServiceError):
-    code = "method_not_allowed"
-
-
-class RateLimited(ServiceError):
-    code = "rate_limited"
 
 
 # Most specific first: the first class an exception is an instance of decides.
@@ -57,7 +38,6 @@ ERROR_TABLE: tuple[tuple[type[ServiceError], int, str], ...] = (
     (InvalidRequest, 400, "invalid_request_error"),
     (NotFound, 404, "not_found_error"),
     (Conflict, 409, "invalid_request_error"),
-    (RateLimited, 429, "rate_limit_error"),
     (InferenceTimeout, 408, "timeout_error"),
     (Overloaded, 503, "service_unavailable_error"),
     (NotReady, 503, "service_unavailable_error"),

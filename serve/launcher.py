@@ -20,22 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from models.spec import ONNX_VARIANTS
-from serve.settings import AppSettings
+from serve.settings import AppSettings, app_args, load_config  # noqa: F401 (re-exported)
 
 DEFAULT_CONFIG = "deploy/local.yaml"
 log = logging.getLogger("loraserve")
-
-
-def load_config(path: str | Path) -> dict:
-    with open(path) as fh:
-        return yaml.safe_load(fh)
-
-
-def app_args(config: dict, index: int = 0) -> dict:
-    return config["applications"][index].get("args", {})
 
 
 def haproxy_available() -> bool:
@@ -92,7 +81,7 @@ class LocalService:
         self._saved_env: dict[str, str | None] = {}
         self.session: str | None = None
 
-    def start(self, timeout_s: float = 300.0) -> "LocalService":
+    def start(self, timeout_s: float = 300.0) -> LocalService:
         import ray
 
         self._check_ports_free()
@@ -155,7 +144,7 @@ class LocalService:
                 else:
                     os.environ[key] = value
 
-    def __enter__(self) -> "LocalService":
+    def __enter__(self) -> LocalService:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -187,7 +176,7 @@ def prepare_variants(settings: AppSettings, force: bool = False) -> bool:
 def _prepare_child(specs: list[dict], cache: str, force: bool) -> None:
     import sys
 
-    from models.onnx_export import ensure_variants
+    from models.variants.build import ensure_variants
     from serve.settings import ServedModel
 
     failed = False

@@ -34,11 +34,15 @@ class DeploymentSettings(_Strict):
         256, ge=1, description="Requests a replica accepts at once; more wait at the caller."
     )
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica.")
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
+    upscale_delay_s: float = Field(
+        5.0, ge=0, description="How long load must stay above target before replicas are added."
+    )
+    downscale_delay_s: float = Field(
+        60.0, ge=0, description="How long load must stay below target before replicas are removed."
+    )
 
     @model_validator(mode="after")
-    def _bounds(self) -> "DeploymentSettings":
+    def _bounds(self) -> DeploymentSettings:
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}"
@@ -86,6 +90,8 @@ class ServedModel(ModelSpec):
 
 
 class LimitSettings(_Strict):
+    """Bounds on every request (checked before a model sees it)."""
+
     max_body_bytes: int = Field(
         2_000_000, ge=1024, description="Larger request bodies get 413 before they are read."
     )
@@ -95,6 +101,8 @@ class LimitSettings(_Strict):
 
 
 class AuthSettings(_Strict):
+    """API keys for inference and for the admin routes (read from the environment)."""
+
     api_keys_env: str | None = Field(
         None,
         description="Name of an environment variable holding comma-separated inference API "
@@ -111,7 +119,7 @@ class AuthSettings(_Strict):
 class ConfigAdapter(_Strict):
     """An adapter declared in the config: registered at every start, pinned by default."""
 
-    name: str
+    name: str = Field(description="Adapter name used in the `model` string.")
     base: str = Field(description="Catalog id of its base model.")
     path: str = Field(description="Directory inside an adapter store root (relative or absolute).")
     pinned: bool = Field(True, description="Never evicted; loaded when a replica starts.")
@@ -165,13 +173,14 @@ def resolve_home_path(raw: str) -> Path:
 
 
 class VariantSettings(_Strict):
-    """Where ONNX variants are built and cached (``models.onnx_export``)."""
+    """Where ONNX variants are built and cached (``models.variants``)."""
 
     cache_dir: str = Field(
         ".loraserve/variants",
         description="Variant cache, keyed by a content hash of checkpoint, build settings and "
         "tool versions. Relative like `adapters.stores`. `loraserve up` and `loraserve export` "
-        "fill it; a replica that finds its variant missing builds it (under a file lock).",
+        "fill it before any replica starts; a replica that still finds its variant missing (a "
+        "cluster node with its own disk) builds it first, under a file lock.",
     )
 
     def cache_path(self) -> Path:
@@ -179,6 +188,8 @@ class VariantSettings(_Strict):
 
 
 class MetricsSettings(_Strict):
+    """Where Prometheus scrapes the service."""
+
     export_port: int = Field(
         8080, ge=1, le=65535, description="Ray's Prometheus metrics export port (`make up`)."
     )
@@ -238,7 +249,7 @@ class AppSettings(_Strict):
     variants: VariantSettings = Field(default_factory=VariantSettings)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "AppSettings":
+    def _unique_names(self) -> AppSettings:
         seen: dict[str, str] = {}
         for m in self.models:
             for name in m.names():
@@ -248,7 +259,7 @@ class AppSettings(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _preload_bases(self) -> "AppSettings":
+    def _preload_bases(self) -> AppSettings:
         ids = {m.id for m in self.models}
         names = {n for m in self.models for n in m.names()}
         seen = set()
@@ -265,6 +276,24 @@ class AppSettings(_Strict):
 
     def admin_keys(self) -> frozenset[str]:
         return _keys(self.auth.admin_keys_env)
+
+
+def load_config(path: str | Path) -> dict:
+    """A Serve config file (``ServeDeploySchema`` as YAML), as a dict."""
+    import yaml
+
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def app_args(config: dict, index: int = 0) -> dict:
+    """The ``args`` of one application of a Serve config: what ``AppSettings`` validates."""
+    return config["applications"][index].get("args", {})
+
+
+def load_settings(path: str | Path, index: int = 0) -> AppSettings:
+    """The one way to read settings: the ``args`` of application ``index`` of a config file."""
+    return AppSettings.model_validate(app_args(load_config(path), index))
 
 
 def _keys(env: str | None) -> frozenset[str]:

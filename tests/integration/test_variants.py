@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from models.onnx_export import variant_root
 from models.sources import resolve_source
+from models.variants.cache import variant_root
 from tests.conftest import peft_reference
 from tests.integration.conftest import REPO_ADAPTERS
 

@@ -2,10 +2,8 @@
 
 import asyncio
 
-import pytest
-
 from models.adapters import AdapterRef
-from serve.adapter_cache import AdapterCache
+from serve.server.adapter_cache import AdapterCache
 
 
 def ref(name, sha="a" * 64, pinned=False):

@@ -7,17 +7,12 @@ Adapters here are real peft LoRA adapters on the tiny seeded BERTs, written by
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
+from models.adapters import WEIGHTS_FILE, base_weight_shapes, validate_adapter
+from models.errors import InvalidAdapter
 from tests.conftest import make_adapter
-from models.adapters import (
-    InvalidAdapter,
-    WEIGHTS_FILE,
-    base_weight_shapes,
-    validate_adapter,
-)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from models.errors import Overloaded
 from models.spec import BatchingSpec
-from serve.batching import Batcher
+from serve.server.batching import Batcher
 
 
 class RecordingModel:

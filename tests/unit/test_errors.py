@@ -3,14 +3,8 @@ import pickle
 import pytest
 
 from models import errors as E
-from serve.errors import (
-    ERROR_TABLE,
-    PayloadTooLarge,
-    Unauthorized,
-    UnsupportedMediaType,
-    as_service_error,
-    error_body,
-)
+from models.errors import PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from serve.errors import ERROR_TABLE, as_service_error, error_body
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ import pytest
 from models.adapters import AdapterRef
 from models.errors import AdapterNotFound, Conflict
 from serve.metrics import OTHER_ADAPTERS, AdapterLabels
-from serve.registry import RegistryCore, RegistryState
+from serve.registry.core import RegistryCore
+from serve.registry.state import RegistryState
 
 
 def ref(name, origin="runtime", sha="a" * 64):

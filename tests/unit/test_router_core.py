@@ -4,9 +4,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from serve.model_server import ModelServer
-from serve.router import RouterCore
-from serve.schemas import EmbeddingsRequest
+from models.factory import create_backend
+from serve.ingress.core import RouterCore
+from serve.ingress.schemas import EmbeddingsRequest
+from serve.server.local import ModelServer
 from serve.settings import AppSettings
 
 
@@ -21,7 +22,7 @@ def app_client(tiny_models):
             "auth": {"api_keys_env": "ROUTER_TEST_KEYS"},
         }
     )
-    server = ModelServer(settings.models[0], "torch").load()
+    server = ModelServer(settings.models[0], "torch", create_backend).load()
     core = RouterCore(settings, {("tiny", "torch"): server})
     app = FastAPI()
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from models.adapters import base_weight_shapes, validate_adapter
-from models.backend import create_backend
+from models.factory import create_backend
 from models.spec import ModelSpec
-from tests.conftest import TOPIC_LABELS, make_adapter, peft_reference
+from tests.conftest import make_adapter, peft_reference
 
 TEXTS = ["the market rallied today", "a thrilling final match", "quiet", "new telescope images of a far galaxy"]
 

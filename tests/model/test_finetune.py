@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 from models.adapters import base_weight_shapes, validate_adapter
-from models.finetune import CARD_FILE, FinetuneSettings, classification_metrics, finetune, main, sha256_file
-from models.finetune import stratified_split
+from models.adapters.config import CARD_FILE
+from models.sources import sha256_file
+from models.training.data import stratified_split
+from models.training.evaluation import classification_metrics
+from models.training.finetune import FinetuneSettings, finetune, main
 
 SUBJECTS = ["the council", "the team", "the lab", "the bank", "our town", "the club", "the firm", "the station"]
 LABELS = {"world": "{s} talks peace at the border summit", "sports": "{s} wins the cup final on penalties",
@@ -79,7 +82,7 @@ def test_card_records_labels_metrics_data_and_command(trained):
     assert card["base"]["hub_id"] == "example/tiny-bert"
     assert card["data"]["train"]["sha256"] == sha256_file(trained["train"])
     assert card["data"]["eval"]["sha256"] == sha256_file(trained["test"])
-    assert card["command"] == "python -m models.finetune " + " ".join(trained["argv"])
+    assert card["command"] == "python -m models.training.finetune " + " ".join(trained["argv"])
     assert card["settings"]["rank"] == 4 and card["settings"]["epochs"] == 1
     assert [e["epoch"] for e in card["metrics"]["epochs"]] == [1]
     assert {"validation_accuracy", "validation_macro_f1"} <= set(card["metrics"]["epochs"][0])

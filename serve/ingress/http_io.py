@@ -14,8 +14,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from models.errors import InvalidRequest
-from serve.errors import Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from models.errors import Forbidden, InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
 M = TypeVar("M", bound=BaseModel)
 

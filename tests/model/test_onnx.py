@@ -14,12 +14,13 @@ import onnx
 import pytest
 
 from models.adapters import base_weight_shapes, validate_adapter
-from models.backend import create_backend
 from models.errors import ModelLoadError, VariantUnavailable
-from models.onnx_export import MANIFEST, cpu_quantization, ensure_variants, variant_root
-from models.onnx_graph import check_model_file
+from models.factory import create_backend
+from models.onnx_graph import MANIFEST, check_model_file
 from models.spec import ModelSpec
-from serve.model_server import ModelServer
+from models.variants.build import ensure_variants
+from models.variants.cache import cpu_quantization, variant_root
+from serve.server.local import ModelServer
 from tests.conftest import TOPIC_LABELS, make_adapter, peft_reference
 
 TEXTS = ["the market rallied today", "a thrilling final match", "quiet", "new telescope images of a far galaxy"]
@@ -236,8 +237,8 @@ def test_model_server_keeps_running_with_a_broken_variant(tiny_models, private_c
     async def run():
         from functools import partial
 
-        server = ModelServer(spec, "onnx", backend_factory=partial(create_backend, variant_cache=private_cache)).load()
-        info = server.variant_info()
+        server = ModelServer(spec, "onnx", partial(create_backend, variant_cache=private_cache)).load()
+        info = server.lifecycle.info
         assert info["status"] == "failed" and "lora.onnx is not a readable ONNX model" in info["reason"]
         assert server.alive()  # the replica is not restarted for it
         with pytest.raises(VariantUnavailable, match="not a readable ONNX model"):
@@ -272,8 +273,8 @@ def test_variant_failing_parity_is_not_served_and_says_why(tiny_models, private_
     async def run():
         from functools import partial
 
-        server = ModelServer(spec, "onnx", backend_factory=partial(create_backend, variant_cache=private_cache)).load()
-        info = server.variant_info()
+        server = ModelServer(spec, "onnx", partial(create_backend, variant_cache=private_cache)).load()
+        info = server.lifecycle.info
         assert info["status"] == "failed"
         assert info["reason"].startswith("tiny-embed@onnx is not served: parity with torch failed: max abs diff")
         assert info["parity"]["passed"] is False and info["parity"]["max_abs_diff"] > 1e-4
@@ -304,8 +305,8 @@ def test_lora_graph_that_ignores_adapters_fails_parity(tiny_models, private_cach
     async def run():
         from functools import partial
 
-        server = ModelServer(spec, variant, backend_factory=partial(create_backend, variant_cache=private_cache)).load()
-        info = server.variant_info()
+        server = ModelServer(spec, variant, partial(create_backend, variant_cache=private_cache)).load()
+        info = server.lifecycle.info
         assert info["status"] == "failed"
         assert "with the probe adapter" in info["reason"]
         assert info["parity"]["adapter_probe"]["mean_cosine"] < 0.99
@@ -320,9 +321,9 @@ def test_thresholds_come_from_config(tiny_models, cache):
     async def run():
         from functools import partial
 
-        server = ModelServer(strict, "onnx", backend_factory=partial(create_backend, variant_cache=cache)).load()
-        assert server.variant_info()["status"] == "failed"
-        assert "> 1e-12" in server.variant_info()["reason"]
+        server = ModelServer(strict, "onnx", partial(create_backend, variant_cache=cache)).load()
+        assert server.lifecycle.info["status"] == "failed"
+        assert "> 1e-12" in server.lifecycle.info["reason"]
         server.close()
 
     asyncio.run(run())
@@ -342,11 +343,11 @@ def test_reload_swaps_only_files_that_pass_parity_and_keeps_adapters(tiny_models
                      sha256=hashlib.sha256(weights).hexdigest(), task="classify", labels=("no", "yes"))
 
     async def run():
-        server = ModelServer(spec, "onnx", backend_factory=partial(create_backend, variant_cache=private_cache),
+        server = ModelServer(spec, "onnx", partial(create_backend, variant_cache=private_cache),
                              store_roots=[store]).load()
         adapted = (await server.classify(TEXTS, adapter=ref)).values
         base = (await server.embed(TEXTS)).values
-        old_files = server.variant_info()["files"]
+        old_files = server.lifecycle.info["files"]
 
         # a replacement that loads but fails parity: rejected, the old session keeps serving
         _perturb(folder / "model.onnx")
@@ -441,23 +442,23 @@ def test_watcher_picks_up_replaced_files_and_outlives_a_failing_reload(tiny_mode
             await asyncio.sleep(0.05)
 
     async def run():
-        server = ModelServer(spec, "onnx", backend_factory=partial(create_backend, variant_cache=private_cache)).load()
-        first = server.variant_info()["files"]["model.onnx"]
-        real_reload, calls = server.reload, []
+        server = ModelServer(spec, "onnx", partial(create_backend, variant_cache=private_cache)).load()
+        first = server.lifecycle.info["files"]["model.onnx"]
+        real_reload, calls = server.lifecycle.reload, []
 
         async def failing_once():
             calls.append(1)
             if len(calls) == 1:
-                server._signature = server._current_signature()
+                server.lifecycle._signature = server.lifecycle.signature()
                 raise RuntimeError("boom")
             return await real_reload()
 
-        server.reload = failing_once
+        server.lifecycle.reload = failing_once
         replace("one")
         await until(lambda: len(calls) == 1)  # it raised inside the watcher
         replace("two")
-        await until(lambda: (server.variant_info().get("last_reload") or {}).get("result") == "replaced")
-        assert server.variant_info()["files"]["model.onnx"] != first
+        await until(lambda: (server.lifecycle.info.get("last_reload") or {}).get("result") == "replaced")
+        assert server.lifecycle.info["files"]["model.onnx"] != first
         assert server._watcher is not None and not server._watcher.done()
         # a missing file (mid-replacement, or a cleaned cache) does not trigger a reload
         (folder / "model.onnx").rename(folder / "model.away")

@@ -11,14 +11,11 @@ Pipeline (``ensure_variants``), each step printed with its time:
 4. ONNX Runtime graph optimization, applied offline at the ``extended`` level (fusions that are
    portable across x86 CPUs) and saved; sessions add the configured level when they open;
 5. a seeded random probe adapter (``write_probe_adapter``), the torch references on the probe
-   set (``models.parity``: bare, and with the probe adapter on every other row) and each
+   set (``models.variants.parity``: bare, and with the probe adapter on every other row) and each
    variant's parity result, written to its ``manifest.json``.
 
-Cache: ``<cache>/<model id>/<key>/{onnx,onnx-int8}/{model.onnx,lora.onnx,manifest.json}``,
-``reference.npy``, ``reference-adapter.npy`` and ``probe-adapter/``, where ``key`` hashes the
-checkpoint's bytes, the build settings (including what changes torch's outputs and the probe
-set) and the versions of the tools. A build runs under a file lock (replicas of one machine wait for one
-build) into a scratch folder renamed into place, so readers never see half a variant.
+The cache layout and key are ``models.variants.cache``'s. A build runs under a file lock
+(replicas of one machine wait for one build) into a scratch folder renamed into place, so readers never see half a variant.
 ``force=True`` rebuilds and, if the rebuilt variants pass parity, replaces the files of an
 existing key one by one (atomic renames): running replicas notice and switch once the new files
 pass parity in them too.
@@ -27,10 +24,8 @@ pass parity in them too.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -39,107 +34,43 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import ModelLoadError
+from models.onnx_backend import OnnxBackend
+from models.sources import resolve_source
 from models.spec import ONNX_VARIANTS, ModelSpec
+from models.torch_backend import TorchBackend
+from models.variants.cache import (
+    FILES,
+    MANIFEST,
+    PROBE_ADAPTER,
+    REFERENCE,
+    REFERENCE_ADAPTER,
+    build_settings,
+    checkpoint_digest,
+    complete,
+    references,
+    tool_versions,
+    variant_root,
+)
+from models.variants.parity import check_variant
+from models.variants.probe import PROBE_KEY, probe_adapter_check, run_probe, write_probe_adapter
 
-FILES = ("model.onnx", "lora.onnx")
-MANIFEST = "manifest.json"
-REFERENCE = "reference.npy"  # torch, probe set, bare base
-PROBE_ADAPTER = "probe-adapter"  # a seeded random LoRA on every linear layer (peft format)
-REFERENCE_ADAPTER = "reference-adapter.npy"  # torch, probe set, rows alternating adapter / base
-# std of the probe adapter's LoRA matrices at hidden size 384, scaled by sqrt(384 / hidden):
-# on all-MiniLM-L6-v2 the adapted rows' cosine to the bare ones is 0.85 on average, so an
-# adapter path that did nothing could not pass even the int8 gate
-PROBE_STD = 0.05
-BUILD_FORMAT = 1  # bump when the pipeline changes what it writes
 Progress = Callable[[str], None]
-
-
-def cpu_quantization() -> str:
-    """The dynamic int8 config for this CPU (names of optimum's ``AutoQuantizationConfig``)."""
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        return "arm64"
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    if {"avx512_vnni", "avx512vnni"} & flags:
-        return "avx512_vnni"
-    if "avx512f" in flags:
-        return "avx512"
-    return "avx2"
-
-
-def build_settings(spec: ModelSpec) -> dict:
-    """What the variants and their torch references depend on besides the checkpoint."""
-    from models.parity import PROBE_FILE
-    from models.sources import sha256_file
-
-    isa = spec.onnx.quantization
-    return {
-        "format": BUILD_FORMAT,
-        "quantization": cpu_quantization() if isa == "auto" else isa,
-        "per_channel": spec.onnx.per_channel,
-        "offline_optimization": "extended",
-        # the references: the outputs torch computes, on which probe sentences
-        "outputs": {"task": spec.task, "normalize": spec.normalize, "pooling": spec.pooling,
-                    "max_input_tokens": spec.max_input_tokens},
-        "probe_sha256": sha256_file(PROBE_FILE),
-        "probe_adapter_std": PROBE_STD,
-    }
-
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("onnx", "onnxruntime", "optimum", "torch", "transformers")}
-
-
-_digests: dict[tuple, str] = {}
-
-
-def checkpoint_digest(path: Path) -> str:
-    """sha256 over the checkpoint's files (names and bytes); memoized by size and mtime."""
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith("."))
-    stamp = (str(path), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
-    if stamp not in _digests:
-        h = hashlib.sha256()
-        for p in files:
-            h.update(str(p.relative_to(path)).encode() + b"\0")
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-        _digests[stamp] = h.hexdigest()
-    return _digests[stamp]
-
-
-def variant_root(spec: ModelSpec, source: Path, cache: Path) -> Path:
-    """Where this checkpoint's variants live for the current settings and tool versions."""
-    key = json.dumps({"checkpoint": checkpoint_digest(source), "settings": build_settings(spec),
-                      "versions": _versions()}, sort_keys=True)
-    return Path(cache) / spec.id / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def ensure_variants(
     spec: ModelSpec, cache: Path, *, force: bool = False, progress: Progress | None = None,
 ) -> Path:
     """The folder holding this model's ONNX variants, built first when missing (or ``force``)."""
-    from models.sources import resolve_source
-
     say = progress or (lambda msg: None)
     source = resolve_source(spec.source)
     root = variant_root(spec, source, cache)
-    if not force and _complete(root):
+    if not force and complete(root):
         say(f"{spec.id}: ONNX variants cached in {root}")
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may have built it meanwhile
-        if not force and _complete(root):
+        if not force and complete(root):
             return root
         for stale in root.parent.glob(".build-*"):  # left by a build that was killed
             shutil.rmtree(stale, ignore_errors=True)  # (we hold the lock: none is running)
@@ -166,11 +97,6 @@ def ensure_variants(
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return root
-
-
-def _complete(root: Path) -> bool:
-    return all((root / name).exists() for name in (REFERENCE, REFERENCE_ADAPTER, PROBE_ADAPTER)) and all(
-        (root / v / name).is_file() for v in ONNX_VARIANTS for name in (*FILES, MANIFEST))
 
 
 def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
@@ -214,14 +140,11 @@ def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
             "source": str(source),
             "checkpoint_sha256": checkpoint_digest(source),
             "settings": settings,
-            "versions": _versions(),
+            "versions": tool_versions(),
             "modules": {m: list(d) for m, d in modules.items()},
             "built_at": int(time.time()),
         }
         (out / variant / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        from models.onnx_backend import OnnxBackend
-        from models.parity import check_variant
-
         backend = OnnxBackend(spec, source, variant, out / variant)
         backend.load()
         parity = check_variant(backend, *references(out))
@@ -272,45 +195,9 @@ def _optimize_offline(src: Path, dest: Path) -> None:
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 
-def write_probe_adapter(spec: ModelSpec, source: Path, dest: Path) -> None:
-    """A seeded random LoRA adapter (peft's own format) on every linear layer of the encoder:
-    the parity gate runs it on every other probe row, so the LoRA graph's gathers, scaling and
-    per-row indices are held to torch too, not only its base weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    torch.manual_seed(0)
-    kw = dict(local_files_only=True, trust_remote_code=False, use_safetensors=True)
-    if spec.task == "classify":
-        model, task_type = AutoModelForSequenceClassification.from_pretrained(source, **kw), "SEQ_CLS"
-    else:
-        model, task_type = AutoModel.from_pretrained(source, **kw), "FEATURE_EXTRACTION"
-    config = LoraConfig(task_type=task_type, r=4, lora_alpha=8,
-                        target_modules=["query", "key", "value", "dense"])
-    adapted = get_peft_model(model, config)
-    std = PROBE_STD * (384 / model.config.hidden_size) ** 0.5
-    with torch.no_grad():
-        for name, param in adapted.named_parameters():
-            if "lora_" in name:
-                param.normal_(0.0, std)
-    adapted.save_pretrained(dest, safe_serialization=True)
-
-
-def probe_adapter_check(spec: ModelSpec, source: Path, folder: Path):
-    """The probe adapter, validated as any adapter is (``AdapterCheck``)."""
-    from models.adapters import base_weight_shapes, validate_adapter
-
-    return validate_adapter(str(folder), [folder.parent], base_shapes=base_weight_shapes(source),
-                            max_rank=64, base_task=spec.task)
-
-
 def torch_reference(spec: ModelSpec, source: Path, adapter: Path | None = None) -> np.ndarray:
     """The served torch backend's outputs on the probe set: what parity compares against.
-    With ``adapter``, every other row runs it (``models.parity.run_probe``)."""
-    from models.parity import PROBE_KEY, run_probe
-    from models.torch_backend import TorchBackend
-
+    With ``adapter``, every other row runs it (``models.variants.probe.run_probe``)."""
     backend = TorchBackend(spec, source)
     backend.load()
     try:
@@ -323,16 +210,3 @@ def torch_reference(spec: ModelSpec, source: Path, adapter: Path | None = None) 
         backend.close()
 
 
-def references(root: Path) -> tuple[np.ndarray, np.ndarray, Path]:
-    """(bare reference, adapter reference, probe adapter folder) of a variant root."""
-    return np.load(root / REFERENCE), np.load(root / REFERENCE_ADAPTER), root / PROBE_ADAPTER
-
-
-def reference_for(spec: ModelSpec, backend) -> tuple[np.ndarray, np.ndarray, Path]:
-    """The torch references a variant folder's parity is checked against (built with it)."""
-    root = Path(backend.folder).parent
-    try:
-        return references(root)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{spec.id}: the torch references of {root} are missing ({exc}); "
-                             "run `loraserve export --force`") from None

@@ -1,0 +1,1 @@
+"""Fine-tuning LoRA adapters (Trainer + peft + ``datasets``) and the demo data they train on."""

@@ -1,0 +1,104 @@
+"""The Router deployment: HTTP routes only (FastAPI through ``serve.ingress``).
+
+Each route hands the request to the Ray-free logic: ``serve.ingress.core`` (inference),
+``serve.ingress.admin`` (adapter admin), ``serve.ingress.listing`` (models, health). FastAPI's
+own errors (unknown route, wrong method, its 422) are mapped to the error envelope here.
+
+No ``from __future__ import annotations`` here: ``serve.ingress`` re-wraps the route methods and
+FastAPI must see real annotation objects (``Request``), not strings.
+"""
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from models.errors import InvalidRequest, MethodNotAllowed, NotFound, ServiceError
+from serve.ingress import admin, listing
+from serve.ingress.core import RouterCore
+from serve.ingress.http_io import check_api_key
+from serve.ingress.responses import error_response, json_response, serve_request_id
+from serve.ingress.schemas import ClassifyRequest, EmbeddingsRequest, LoadAdapterRequest, UnloadAdapterRequest
+from serve.metrics import AdapterLabels, ServiceMetrics
+from serve.registry.client import RegistryClient
+from serve.server.local import ModelServer
+from serve.server.wiring import build_servers, start_registry
+from serve.settings import AppSettings
+
+app = FastAPI(title="loraserve", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}"))
+    return error_response(NotFound(f"no route {request.method} {request.url.path}", code="route_not_found"))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return error_response(InvalidRequest(f"invalid request: {exc.errors()[0].get('msg', 'invalid')}"))
+
+
+@serve.deployment
+@serve.ingress(app)
+class Router:
+    async def __init__(self, settings: dict, handles: dict | None = None):
+        parsed = AppSettings.model_validate(settings)
+        self._client: RegistryClient | None = None
+        servers = build_servers(parsed, handles or {}, on_residency=self._residency)
+        metrics = ServiceMetrics(AdapterLabels(
+            parsed.adapters.metrics_top_n, pinned=tuple(a.name for a in parsed.adapters.preload)
+        ))
+        self.core = RouterCore(parsed, servers, metrics, serve_request_id)
+        self._client = await start_registry(parsed.adapters, servers, self.core.inspector)
+        self.core.registry = self._client
+        await self._client.start()
+
+    def _residency(self) -> None:
+        if self._client is not None:
+            self._client.residency_changed()
+
+    def __del__(self):
+        if getattr(self, "_client", None) is not None:
+            self._client.close()
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        return await listing.health(self.core)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            check_api_key(request, self.core.keys)
+        except ServiceError as err:
+            return error_response(err)
+        return json_response(200, await listing.models(self.core))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        return await self.core.handle(request, "embeddings", EmbeddingsRequest, self.core.embeddings)
+
+    @app.post("/v1/classify")
+    async def classify(self, request: Request) -> Response:
+        return await self.core.handle(request, "classify", ClassifyRequest, self.core.classify)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request) -> Response:
+        return await admin.admin(self.core, request, "load", LoadAdapterRequest, admin.load_adapter)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        return await admin.admin(self.core, request, "unload", UnloadAdapterRequest, admin.unload_adapter)
+
+    @app.get("/v1/adapters")
+    async def adapters(self, request: Request) -> Response:
+        return await admin.admin(self.core, request, "list", None, admin.list_adapters)
+
+    def check_health(self) -> None:
+        for key, server in self.core.servers.items():
+            if isinstance(server, ModelServer):
+                server.report()
+            if not server.alive():
+                raise RuntimeError(f"model server {key} is not running")

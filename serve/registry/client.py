@@ -1,0 +1,137 @@
+"""A replica's side of the adapter registry: ``RegistryClient`` is the only code that calls the
+registry actor. Lookups are local dict reads (no hop on the request path), kept current by a
+long-poll watch loop; a miss refreshes from the actor at most once per ``miss_refresh_s``.
+Admin changes (register, unregister, config sync) go through it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from models.adapters.identity import AdapterRef
+
+log = logging.getLogger("loraserve")
+
+
+class RegistryClient:
+    """A replica's view of the registry, kept current by a long-poll watch loop.
+
+    ``on_change(old, new)`` runs on the event loop after each new snapshot is applied (the
+    ModelServers drop adapters that were unregistered or replaced); ``resident()`` tells the
+    registry which adapters this replica holds, sent with every watch call and, when it
+    changes, at most every ``report_every_s``.
+    """
+
+    def __init__(
+        self,
+        actor,
+        replica: str,
+        *,
+        on_change: Callable[[dict, dict], None] | None = None,
+        resident: Callable[[], dict[str, list[str]]] = dict,
+        miss_refresh_s: float = 1.0,
+        report_every_s: float = 0.5,
+    ):
+        self.actor = actor
+        self.replica = replica
+        self.on_change = on_change
+        self.resident = resident
+        self.adapters: dict[str, AdapterRef] = {}
+        self.version = -1
+        self.miss_refresh_s = miss_refresh_s
+        self.report_every_s = report_every_s
+        self._last_refresh = 0.0
+        self._task: asyncio.Task | None = None
+        self._report_pending = False
+
+    async def start(self) -> RegistryClient:
+        self._apply(*(await self.actor.snapshot.remote()))
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+        return self
+
+    def _apply(self, version: int, refs: list[dict]) -> None:
+        if version <= self.version:
+            return
+        old = self.adapters
+        self.adapters = {d["name"]: AdapterRef.from_dict(d) for d in refs}
+        self.version = version
+        if self.on_change is not None:
+            try:
+                self.on_change(old, self.adapters)
+            except Exception:  # a failing listener must not stop the watch loop
+                log.exception("adapter registry listener failed")
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                result = await self.actor.watch.remote(self.replica, self.version, self.resident())
+                if result is not None:
+                    self._apply(*result)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # actor restarting: retry, keep serving the last view
+                log.warning("adapter registry watch failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def lookup(self, name: str) -> AdapterRef | None:
+        """Local first; on a miss, refresh from the actor (rate-limited) and look again."""
+        ref = self.adapters.get(name)
+        if ref is not None:
+            return ref
+        if time.monotonic() - self._last_refresh >= self.miss_refresh_s:
+            await self.refresh()
+        return self.adapters.get(name)
+
+    async def refresh(self) -> None:
+        self._last_refresh = time.monotonic()
+        self._apply(*(await self.actor.snapshot.remote()))
+
+    # -- changes (admin routes and config sync) -------------------------------------------------
+    async def sync_config(self, refs: list[AdapterRef]) -> int:
+        """Make the config-declared adapters exactly ``refs``; returns the registry version."""
+        return await self.actor.sync_config.remote([r.to_dict() for r in refs])
+
+    async def register(self, ref: AdapterRef, replace: bool = False) -> int:
+        return await self.actor.register.remote(ref.to_dict(), replace)
+
+    async def unregister(self, name: str) -> int:
+        return await self.actor.unregister.remote(name)
+
+    async def describe(self) -> list[dict]:
+        """Every registered adapter with the live replicas that hold it now."""
+        return await self.actor.describe.remote()
+
+    async def synced(self, version: int, timeout_s: float) -> dict:
+        """Wait until every live replica has applied ``version`` (at most ``timeout_s``); this
+        replica applies it at once rather than on its next watch. Says which replicas did."""
+        sync = await self.actor.wait_synced.remote(version, timeout_s)
+        if self.version < version:
+            await self.refresh()
+        return sync
+
+    def residency_changed(self) -> None:
+        """Tell the registry soon (coalesced) that this replica's resident set changed."""
+        if self._report_pending:
+            return
+        self._report_pending = True
+
+        async def send():
+            await asyncio.sleep(self.report_every_s)
+            self._report_pending = False
+            try:
+                await self.actor.report.remote(self.replica, self.version, self.resident())
+            except Exception as exc:
+                log.warning("adapter residency report failed: %s", exc)
+
+        asyncio.get_running_loop().create_task(send())
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            self.actor.forget.remote(self.replica)
+        except Exception:
+            pass
