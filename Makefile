@@ -8,15 +8,18 @@ CONFIG ?= deploy/local.yaml
 # The CPU wheel of torch; installed first so nothing pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: up test install bench bench-adapters bench-variants locust adapters clean
+.PHONY: up test install bench bench-deps bench-embeddings bench-variants bench-adapters bench-lora-impl \
+        bench-levers bench-variant-build locust adapters clean
 
 install: $(STAMP)
 
+# PYTHONWARNINGS: setuptools' banner about editable installs says nothing a user can act on.
 $(STAMP): pyproject.toml constraints.txt
+	@echo "installing into $(VENV) (first time: a few minutes) ..."
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx,train]"
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx,train]"
 	touch $(STAMP)
 
 up: $(STAMP)
@@ -28,19 +31,29 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) loadtest/bench_embeddings.py $(BENCH_ARGS)
+# Benchmarks (docs/benchmarks.md): `make bench` re-measures every results file in loadtest/results/,
+# one scenario after another (about 75 minutes on 2 cores; run it on an otherwise idle machine).
+# `make bench QUICK=1`: a smoke run of every scenario (one short repetition each, about 15 minutes;
+# written to loadtest/results/quick/, git-ignored). BENCH picks scenarios; BENCH_ARGS go to each
+# of them (options they share: --reps, --config); bench-<scenario> runs one, with its own options.
+BENCH      ?= bench_embeddings bench_variants bench_adapters bench_lora_impl variant_build bench_levers
+BENCH_ENV  := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+QUICK_ARG  := $(if $(filter 1,$(QUICK)),--quick,)
+
+bench-deps:
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+
+bench: bench-deps $(STAMP)
+	@rc=0; for s in $(BENCH); do echo "== loadtest.$$s"; \
+	  $(BENCH_ENV) $(PY) -m loadtest.$$s $(QUICK_ARG) $(BENCH_ARGS) || rc=1; done; exit $$rc
+
+bench-embeddings bench-variants bench-adapters bench-lora-impl bench-levers bench-variant-build: bench-deps $(STAMP)
+	$(BENCH_ENV) $(PY) -m loadtest.$(patsubst bench_variant_build,variant_build,$(subst -,_,$@)) $(QUICK_ARG) $(BENCH_ARGS)
 
 # Against a running `make up`: Zipf popularity over the served adapters, SLO checked at the end.
 LOCUST_ARGS ?= -u 32 -r 8 -t 60s
 locust: $(STAMP)
 	$(VENV)/bin/locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --headless $(LOCUST_ARGS)
-
-bench-adapters: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) loadtest/bench_adapters.py $(BENCH_ARGS)
-
-bench-variants: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) loadtest/bench_variants.py $(BENCH_ARGS)
 
 adapters: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m models.training.finetune --train models/data/sentiment/train.jsonl --eval models/data/sentiment/test.jsonl --out adapters/sentiment --overwrite

@@ -25,16 +25,20 @@ def _up(args: argparse.Namespace) -> int:
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
 
     def _terminate(signum, frame):
+        # the first signal stops the service; more while it stops (an impatient second
+        # Ctrl-C, or a supervisor's SIGTERM after SIGINT) must not interrupt the cleanup
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     # Install both explicitly: a process started in the background inherits SIGINT *ignored*,
     # and Ctrl-C must stop everything wherever `loraserve up` was started from.
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
-    print(f"starting Ray and deploying {args.config} ...", flush=True)
+    print(f"starting {args.config} ...", flush=True)
     service = launcher.LocalService(config)
     try:
-        service.start()
+        service.start(say=lambda msg: print(msg, flush=True))
         print(
             f"\n  API      http://{host}:{port}/v1   (try: curl http://{host}:{port}/v1/models)\n"
             f"  health   http://{host}:{port}/health\n"

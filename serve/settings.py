@@ -205,7 +205,9 @@ class IngressSettings(_Strict):
         "replicas' direct-ingress ports (one hop, fastest). `proxy`: Ray's Python HTTP proxy.",
     )
     throughput_optimized: bool = Field(
-        True, description="Set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress, gRPC handles)."
+        True, description="Ray Serve's throughput-optimized mode: direct ingress, gRPC handles, user "
+        "code and router on the replica's main loop, no per-request stderr logging (the switches "
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns on, set one by one).",
     )
     haproxy_stats_port: int = Field(8404, ge=1, le=65535, description="HAProxy stats page.")
     haproxy_metrics_port: int = Field(

@@ -155,15 +155,28 @@ def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
 
 
 def _export(source: Path, dest: Path) -> None:
-    from optimum.exporters.onnx import main_export
+    import warnings
 
+    import torch
+    from optimum.exporters.onnx import main_export
+    from transformers.utils import logging as hf_logging
+
+    # Harmless third-party noise, filtered here where it arises: the tracer's note that the
+    # attention mask's constant is traced as a constant (it is one), and transformers' notice
+    # that optimum still passes `torch_dtype`.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        main_export(
-            str(source), output=str(dest), task="feature-extraction", do_validation=False,
-            no_post_process=True, library_name="transformers", trust_remote_code=False,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            main_export(
+                str(source), output=str(dest), task="feature-extraction", do_validation=False,
+                no_post_process=True, library_name="transformers", trust_remote_code=False,
+            )
     except Exception as exc:  # optimum raises many kinds; the model is what failed
         raise ModelLoadError(f"cannot export {source} to ONNX: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _quantize(src: Path, work: Path, settings: dict) -> Path:

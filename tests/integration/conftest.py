@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import TOPIC_LABELS, make_adapter
+from tests.waiting import wait_until
 
 MAX_BODY = 64 * 1024
 MAX_INPUTS = 16
@@ -178,13 +179,13 @@ def start_up(config: dict, folder: Path, env: dict | None = None):
                             stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
                             start_new_session=True)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
-                return proc, log, base_url
-        except httpx.HTTPError:
-            pass
+
+    def healthy():
         assert proc.poll() is None, "loraserve up exited early"
-        assert time.monotonic() < deadline, "service never became healthy"
-        time.sleep(1)
+        try:
+            return httpx.get(f"{base_url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, "the service to become healthy", timeout_s=180, every_s=1)
+    return proc, log, base_url

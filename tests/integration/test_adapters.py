@@ -8,7 +8,6 @@ tiny seeded bases the service loaded.
 
 import asyncio
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 
 from tests.conftest import peft_reference
 from tests.integration.conftest import TINY_CAPACITY
+from tests.waiting import wait_until
 
 TEXTS = ["the market rallied today", "a thrilling final match", "quiet", "images of a far galaxy"]
 
@@ -135,13 +135,11 @@ def test_evictions_and_reloads_keep_outputs_exact(client, admin, tiny_models, ad
 
 def test_separate_deployment_reports_residency(admin, client, registered):
     served(client, registered["topic-0"], TEXTS[:1], "classify")
-    deadline = time.time() + 10
-    while time.time() < deadline:
+    def held_by_model_server():
         row = {a["name"]: a for a in admin.get("/v1/adapters").json()["data"]}[registered["topic-0"]]
-        if any(r.startswith("ModelServer-topics") for r in row["replicas"]):
-            break
-        time.sleep(0.2)
-    assert any(r.startswith("ModelServer-topics") for r in row["replicas"]), row["replicas"]
+        return row if any(r.startswith("ModelServer-topics") for r in row["replicas"]) else None
+
+    row = wait_until(held_by_model_server, "a ModelServer replica to report the adapter", timeout_s=10)
     assert row["base"] == "topics" and row["rank"] == 4 and row["size_bytes"] > 0
 
 

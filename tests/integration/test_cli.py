@@ -2,12 +2,12 @@
 
 import re
 import signal
-import time
 from pathlib import Path
 
 import httpx
 
 from tests.integration.conftest import service_config, start_up
+from tests.waiting import wait_until
 
 
 def _processes_mentioning(fragment: str) -> list[str]:
@@ -42,16 +42,16 @@ def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
     args["adapters"]["preload"] = []  # the demo adapters are on minilm
     port = config["http_options"]["port"]
     proc, log, _ = start_up(config, tmp_path)
-    deadline = time.monotonic() + 60
     try:
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "tiny", "input": "up"})
         assert r.status_code == 200
-        while True:  # the URLs are printed once Serve reports the app RUNNING
+
+        def printed_urls():  # the URLs are printed once Serve reports the app RUNNING
             log.seek(0)
-            printed = log.read()
-            if "Ctrl-C stops everything" in printed or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+            text = log.read()
+            return text if "Ctrl-C stops everything" in text else None
+
+        printed = wait_until(printed_urls, "the URLs to be printed")
         assert f"http://127.0.0.1:{port}/v1" in printed
         assert f"http://127.0.0.1:{args['metrics']['export_port']}/metrics" in printed
         # this run's HAProxy (its config lies in the run folder the CLI printed; other services
@@ -65,14 +65,10 @@ def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
         rc = proc.wait(timeout=90)
     assert rc == 0
     # Ray's processes get SIGTERM on shutdown and may take a moment to exit: wait for that.
-    deadline = time.monotonic() + 30
-    while True:
-        leftovers = [p for d in run_dirs for p in _processes_mentioning(d)]
-        leftovers += _processes_mentioning(session)
-        if not leftovers or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert leftovers == [], "\n".join(leftovers)
+    def leftovers():
+        return [p for d in run_dirs for p in _processes_mentioning(d)] + _processes_mentioning(session)
+
+    wait_until(lambda: not leftovers(), "Ray's and HAProxy's processes to exit", timeout_s=30)
     try:
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
         still_up = True

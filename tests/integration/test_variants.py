@@ -17,6 +17,7 @@ from models.sources import resolve_source
 from models.variants.cache import variant_root
 from tests.conftest import peft_reference
 from tests.integration.conftest import REPO_ADAPTERS
+from tests.waiting import wait_until
 
 TEXTS = ["I loved every minute of it", "a waste of money", "The staff were rude and the room was dirty.",
          "Stocks fell after the central bank raised rates", "the match went to extra time"]
@@ -119,13 +120,6 @@ def test_variant_that_fails_parity_is_listed_with_its_reason_and_answers_503(cli
     assert "parity" in health.json()["models"]["strict@onnx"]
 
 
-def _wait(predicate, what, timeout_s=60):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def _next_reload(client, previous):
     """The variant's info once its ``last_reload`` differs from ``previous`` (a new attempt)."""
     box = {}
@@ -134,7 +128,7 @@ def _next_reload(client, previous):
         box["info"] = variants(client, "tiny")["onnx"]
         return box["info"].get("last_reload") not in (None, previous)
 
-    _wait(changed, "a reload of tiny@onnx")
+    wait_until(changed, "a reload of tiny@onnx")
     return box["info"]
 
 
@@ -166,7 +160,7 @@ def _replace_under_load(client, service, folder):
     for t in threads:
         t.start()
     try:
-        _wait(lambda: done[0] >= 10, "traffic to start")
+        wait_until(lambda: done[0] >= 10, "traffic to start")
         info = variants(client, "tiny")["onnx"]
         old = info["files"]
         # 1. files that load but fail parity (weights scaled): rejected, old session serves on
@@ -196,12 +190,12 @@ def _replace_under_load(client, service, folder):
             onnx.save(model, str(folder / f"{name}.next"))
             (folder / f"{name}.next").replace(folder / name)
         want = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest()[:16] for n in pristine}
-        _wait(lambda: variants(client, "tiny")["onnx"].get("files") == want, "the new files to serve")
+        wait_until(lambda: variants(client, "tiny")["onnx"].get("files") == want, "the new files to serve")
         info = variants(client, "tiny")["onnx"]
         assert info["last_reload"] != previous and info["last_reload"]["result"] == "replaced"
         assert info["status"] == "serving"
         after_swap = done[0]
-        _wait(lambda: done[0] >= after_swap + 20, "traffic on the new session")
+        wait_until(lambda: done[0] >= after_swap + 20, "traffic on the new session")
     finally:
         stop.set()
         for t in threads:

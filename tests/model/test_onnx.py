@@ -22,6 +22,7 @@ from models.variants.build import ensure_variants
 from models.variants.cache import cpu_quantization, variant_root
 from serve.server.local import ModelServer
 from tests.conftest import TOPIC_LABELS, make_adapter, peft_reference
+from tests.waiting import async_wait_until
 
 TEXTS = ["the market rallied today", "a thrilling final match", "quiet", "new telescope images of a far galaxy"]
 VARIANTS = ("torch", "onnx", "onnx-int8")
@@ -435,11 +436,8 @@ def test_watcher_picks_up_replaced_files_and_outlives_a_failing_reload(tiny_mode
         onnx.save(pristine, str(folder / "model.next"))
         (folder / "model.next").replace(folder / "model.onnx")
 
-    async def until(predicate, timeout_s=30.0):
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while not predicate():
-            assert asyncio.get_running_loop().time() < deadline, "the watcher did not act"
-            await asyncio.sleep(0.05)
+    async def until(predicate):
+        await async_wait_until(predicate, "the watcher to act")
 
     async def run():
         server = ModelServer(spec, "onnx", partial(create_backend, variant_cache=private_cache)).load()

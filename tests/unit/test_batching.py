@@ -8,6 +8,7 @@ import pytest
 from models.errors import Overloaded
 from models.spec import BatchingSpec
 from serve.server.batching import Batcher
+from tests.waiting import async_wait_until
 
 
 class RecordingModel:
@@ -95,9 +96,9 @@ def test_full_queue_fails_fast():
         model.gate = threading.Event()
         b = Batcher(model, BatchingSpec(max_batch_size=1, max_queue_rows=2))
         first = asyncio.ensure_future(b.submit([[1]]))  # occupies the backend
-        await asyncio.sleep(0.05)
+        await async_wait_until(model.entered.is_set, "the first batch to reach the model")
         second = asyncio.ensure_future(b.submit([[2], [3]]))  # fills the queue
-        await asyncio.sleep(0)
+        await async_wait_until(lambda: b.queued_rows == 2, "two queued rows")
         with pytest.raises(Overloaded, match="limit 2"):
             await b.submit([[4]])
         model.gate.set()
@@ -115,9 +116,9 @@ def test_cancelled_rows_never_reach_the_model():
         model.gate = threading.Event()
         b = Batcher(model, BatchingSpec(max_batch_size=1))
         first = asyncio.ensure_future(b.submit([[1]]))
-        await asyncio.sleep(0.05)
+        await async_wait_until(model.entered.is_set, "the first batch to reach the model")
         doomed = asyncio.ensure_future(b.submit([[99]]))
-        await asyncio.sleep(0)
+        await async_wait_until(lambda: b.queued_rows == 1, "the doomed row to be queued")
         doomed.cancel()
         await asyncio.sleep(0)
         model.gate.set()
@@ -135,12 +136,11 @@ def test_rows_of_different_adapters_share_a_batch_unless_split():
         model.gate = __import__("threading").Event()
         b = Batcher(model, BatchingSpec(max_batch_size=8, split_by_adapter=split))
         first = asyncio.ensure_future(b.submit([[0]], None))  # occupies the model thread
-        while not model.entered.is_set():
-            await asyncio.sleep(0)
+        await async_wait_until(model.entered.is_set, "the first batch to reach the model")
         rest = [asyncio.ensure_future(b.submit([[i]], a)) for i, a in
                 [(1, "x"), (2, None), (3, "y"), (4, "x")]]
-        while b.queued_rows < 4:  # all four wait while the first batch holds the model
-            await asyncio.sleep(0)
+        # all four wait while the first batch holds the model
+        await async_wait_until(lambda: b.queued_rows == 4, "four queued rows")
         model.gate.set()
         await asyncio.gather(first, *rest)
         b.close()

@@ -57,7 +57,8 @@ def test_launcher_env_for_each_ingress_mode(tmp_path, monkeypatch):
         return launcher.ray_env(s, tmp_path)
 
     fast = env_for()
-    assert fast["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and fast["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert fast["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert {k: fast[k] for k in launcher.THROUGHPUT_OPTIMIZED_ENV} == launcher.THROUGHPUT_OPTIMIZED_ENV
     assert fast["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"].startswith(str(tmp_path))
     plain = env_for(mode="proxy", throughput_optimized=False)
     assert plain["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and plain["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
