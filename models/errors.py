@@ -98,6 +98,10 @@ class VariantUnavailable(NotReady):
 
     code = "variant_unavailable"
 
+    def __init__(self, message: str, *, parity: dict | None = None, **kw):
+        super().__init__(message, **kw)
+        self.parity = parity  # the gate's result, when parity is why
+
 
 class InferenceTimeout(ServiceError):
     code = "timeout"

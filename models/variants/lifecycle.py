@@ -103,9 +103,8 @@ class VariantLifecycle:
             return None
         parity = check_variant(backend, *reference_for(self.spec, backend))
         if not parity["passed"]:
-            err = VariantUnavailable(f"{self.spec.id}@{self.variant} is not served: {parity['reason']}")
-            err.parity = parity
-            raise err
+            raise VariantUnavailable(f"{self.spec.id}@{self.variant} is not served: {parity['reason']}",
+                                     parity=parity)
         return parity
 
     def _serving_info(self, backend: Backend, parity: dict | None) -> dict:
