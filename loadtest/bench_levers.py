@@ -1,98 +1,112 @@
-"""Compare Serve's fast-path levers: run the service benchmark once per config in
-loadtest/configs/ (plus the in-process ceiling once), and write one summary table.
+"""Serving-path levers: the service measured once per variation of deploy/local.yaml.
 
-Each config differs from deploy/local.yaml in one or two settings (its first line says which).
-Points run one after another on a quiet machine; compare rows of the same run only, since this
-machine drifts by up to +-30% between runs.
+Each lever is a change to the config, applied by ``loadtest.service.bench_config`` (no config
+copies to keep in sync): the ingress (HAProxy + direct ingress, or Ray's Python proxy, with or
+without ``RAY_SERVE_THROUGHPUT_OPTIMIZED``), the Router's replicas x torch threads, one hop or
+two (the model in a deployment of its own), and a batch wait. Every lever serves only the torch
+variant (so the two-hop layout fits on 2 CPUs; the default's ONNX variants take memory, not
+speed, from torch requests). Per lever: start, then ``--reps`` rounds of a warm-up at c32 and
+one-sentence ``POST /v1/embeddings`` at c32 and c1; stop. Levers run one after another, so
+compare medians, and mind the spread.
 
-With ``--rounds N`` the configs run interleaved N times (ceiling first in each round) and the
-table gives medians with the range, which is what a decision between close configs needs.
-
-Usage: ``.venv/bin/python loadtest/bench_levers.py [--duration 10] [--rounds 1] [--only a,b]``
+Written to loadtest/results/levers.md and .json. Usage (from the repository root):
+``.venv/bin/python -m loadtest.bench_levers [--quick] [--only haproxy-2x1,haproxy-1x2]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-import statistics
-import subprocess
+import shutil
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-CONFIGS = HERE / "configs"
-OUT = HERE / "results" / "levers"
-ROW = re.compile(r"^\| (?P<setup>[^|]+?) \| (?P<c>\d+) \| (?P<rps>[\d.]+) \| (?P<p50>[\d.]+) \| (?P<p99>[\d.]+) \| (?P<err>\d+) \|")
+from loadtest import points, report
+from loadtest.load import wrk_version
+from loadtest.points import Target
+from loadtest.report import fmt, say
+from loadtest.service import BUSY, Server, bench_config, workdir
 
-
-def run_bench(args: list[str], output: Path) -> dict[tuple[str, int], dict]:
-    cmd = [sys.executable, str(HERE / "bench_embeddings.py"), *args, "--output", str(output)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    rows = {}
-    for line in output.read_text().splitlines():
-        m = ROW.match(line)
-        if m:
-            rows[(m["setup"], int(m["c"]))] = {k: float(m[k]) for k in ("rps", "p50", "p99", "err")}
-    return rows
-
-
-def _fmt(values: list[float], digits: int = 1) -> str:
-    med = statistics.median(values)
-    if len(values) == 1:
-        return f"{med:.{digits}f}"
-    return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+NAME, MODULE = "levers", "loadtest.bench_levers"
+TITLE = "Serving-path levers (service only, torch, one sentence per request)"
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+PROXY = {"ingress": {"mode": "proxy", "throughput_optimized": False}}
+TWO_THREADS = {"torch_threads": 2}
+# name: (what differs from deploy/local.yaml, Router replicas (None: as configured), app args, model)
+LEVERS: dict[str, tuple[str, int | None, dict, dict]] = {
+    "proxy-1x2": ("Ray's Python proxy, default flags, 1 replica x 2 torch threads", 1, PROXY, TWO_THREADS),
+    "proxy-2x1": ("Ray's Python proxy, default flags, 2 replicas x 1 torch thread", 2, PROXY, {}),
+    "proxy-throughput-1x2": ("Python proxy + RAY_SERVE_THROUGHPUT_OPTIMIZED=1, 1 replica x 2 threads", 1,
+                             {"ingress": {"mode": "proxy", "throughput_optimized": True}}, TWO_THREADS),
+    "haproxy-1x2": ("HAProxy + throughput flag, 1 replica x 2 torch threads", 1, {}, TWO_THREADS),
+    "haproxy-2x1": ("the default: HAProxy + throughput flag, 2 replicas x 1 torch thread", None, {}, {}),
+    "haproxy-2x1-two-hops": (
+        "HAProxy, Router (0.5 CPU, 1 replica) -> model deployment 2 x 1 thread (0.5 CPU each): two hops", 1,
+        {"router": {"num_cpus": 0.5}},
+        {"placement": "separate", "deployment": {"min_replicas": 1, "initial_replicas": 2, "max_replicas": 2,
+                                                 "num_cpus": 0.5, "target_ongoing_requests": 8}}),
+    "haproxy-2x1-wait2ms": ("the default + batching.max_wait_ms: 2", None, {}, {"batching": {"max_wait_ms": 2}}),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--only", default="", help="comma-separated config names (default: all)")
-    a = p.parse_args(argv)
-    OUT.mkdir(parents=True, exist_ok=True)
-    names = [c.stem for c in sorted(CONFIGS.glob("*.yaml"))]
-    if a.only:
-        names = [n for n in names if n in a.only.split(",")]
-    common = ["--duration", str(a.duration), "--warmup", "3", "--concurrency", "1,32"]
-    ceilings: list[float] = []
-    got: dict[str, list[tuple[dict, dict]]] = {n: [] for n in names}
-    for r in range(a.rounds):
-        ceiling = run_bench([*common, "--setups", "ceiling"], OUT / "ceiling.md")
-        ceilings.append(next(v["rps"] for (s, c), v in ceiling.items() if c == 32))
-        for name in names:
-            cfg = CONFIGS / f"{name}.yaml"
-            rows = run_bench([*common, "--setups", "service", "--config", str(cfg)], OUT / f"{name}.md")
-            got[name].append((rows[("service", 1)], rows[("service", 32)]))
-            print(f"round {r + 1} {name}: c32 {rows[('service', 32)]['rps']:.1f} req/s, "
-                  f"c1 p50 {rows[('service', 1)]['p50']:.1f} ms", flush=True)
-    ceil = statistics.median(ceilings)
-    lines = [
-        "# Serve fast-path levers (service only)",
-        "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: "
-        f"`.venv/bin/python loadtest/bench_levers.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        f"- {a.rounds} interleaved round(s); cells: median (min-max) over rounds",
-        "- machine, versions and the last round's details: the files in levers/",
-        f"- in-process ceiling (same backend, batches of 32, all cores): {_fmt(ceilings)} req/s",
-        "",
-        "| config | what differs | req/s c32 | of ceiling | p50 ms c32 | p50 ms c1 | errors |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
+    argv = sys.argv[1:] if argv is None else argv
+    p = points.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), 10.0, 5.0)
+    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(LEVERS)}")
+    a = points.finish_args(p, p.parse_args(argv))
+    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(LEVERS)
+    if a.quick and not a.only:
+        names = ["haproxy-1x2", "haproxy-2x1"]
+    if set(names) - set(LEVERS):
+        p.error(f"--only: choose from {','.join(LEVERS)}")
+    from serve.settings import load_settings
+
+    model = load_settings(a.config).models[0].id
+    work, started, notes, results = workdir(NAME), time.monotonic(), [], {}
     for name in names:
-        what = (CONFIGS / f"{name}.yaml").read_text().splitlines()[0].split(":", 1)[-1].strip()
-        c1s, c32s = [x[0] for x in got[name]], [x[1] for x in got[name]]
-        rps = [x["rps"] for x in c32s]
-        errors = int(sum(x["err"] for x in c1s + c32s))
-        lines.append(
-            f"| {name} | {what} | {_fmt(rps)} | {statistics.median(rps) / ceil:.2f} "
-            f"| {_fmt([x['p50'] for x in c32s])} | {_fmt([x['p50'] for x in c1s])} | {errors} |"
-        )
-    (HERE / "results" / "levers.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+        what, replicas, app, model_patch = LEVERS[name]
+        cfg = bench_config(a.config, work / f"state-{name}", replicas=replicas, app=app,
+                           model={**model_patch, "variants": ["torch"], "default_variant": "torch"})
+        server = Server.loraserve(name, cfg, work)
+        try:
+            say(f"lever {name}: starting (log: {report.rel(server.log_path)})")
+            server.start()
+            server.wait_healthy(a.startup_timeout)
+            url = server.base_url + "/v1/embeddings"
+            targets = [Target(f"{name} c{c}", url, [points.body(model, SENTENCE)], c) for c in (32, 1)]
+            runs = points.rounds({name: targets}, a.reps, a.warmup, a.duration, lambda _, s=server: s,
+                                 a.wait_quiet)
+            results[name] = {c: points.summary(runs[f"{name} c{c}"]) for c in (32, 1)}
+        except Exception as exc:
+            notes.append(f"{name} FAILED: {type(exc).__name__}: {exc}")
+            say(notes[-1])
+        finally:
+            server.stop()
+    lines = ["| lever | what differs from deploy/local.yaml | c32 req/s | c32 p50 ms | c1 p50 ms | c1 p99 ms "
+             "| errors | wrk CPU c32 / c1 | other cores (max) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        other = max(r[32]["other_cores_max"], r[1]["other_cores_max"])
+        errors = sum(sum(r[c]["errors"].values()) for c in (32, 1))
+        lines.append(f"| {name} | {LEVERS[name][0]} | {fmt(r[32]['rps'])} | {fmt(r[32]['p50_ms'], 1)} | "
+                     f"{fmt(r[1]['p50_ms'], 1)} | {fmt(r[1]['p99_ms'], 1)} | {errors} | "
+                     f"{100 * r[32]['client_cpu_share'].median:.1f}% / {100 * r[1]['client_cpu_share'].median:.1f}% | "
+                     f"{other:.2f}{' (!)' if other > BUSY else ''} |")
+    notes[:0] = [f"each lever: {report.rel(a.config)} with free ports, a temporary registry, only the torch "
+                 f"variant, and the change named; {a.reps} rounds of {a.warmup:g} s warm-up at c32, then "
+                 f"{a.duration:g} s at c32 and at c1; levers one after another",
+                 f"whole run: {time.monotonic() - started:.0f} s"]
+    problems = [n for n in notes if "FAILED" in n]
+    body = "\n".join(lines + (["", "Problems:", *[f"- {n}" for n in problems]] if problems else []))
+    facts = report.machine(argv, MODULE, a.reps, {"wrk": wrk_version()})
+    md, js = report.write(NAME, TITLE, facts, notes, body,
+                          {"args": vars(a), "levers": {n: LEVERS[n] for n in names}, "results": results},
+                          a.quick, a.output)
+    if problems:
+        say(f"logs kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"written to {report.rel(md)} and {report.rel(js)}")
+    return 1 if problems or any(sum(s["errors"].values()) for r in results.values() for s in r.values()) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -4,6 +4,10 @@ traffic shape that decides whether per-replica adapter LRUs hold up.
 
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --headless -u 32 -r 8 -t 60s
 
+(``make locust`` runs that against a running ``make up``.) Locust is kept for this scenario, not
+wrk, because every answer is checked (a wrong answer counts as a failure) and the run ends with
+an SLO verdict as its exit code; the benchmarks use wrk, which costs the server far less CPU.
+
 Settings (environment variables):
 - ``LORASERVE_ADAPTERS``: comma-separated adapter names, most popular first. Default: every
   adapter in ``GET /v1/models`` whose task is ``classify`` (order as listed).
@@ -27,6 +31,11 @@ import random
 
 from locust import HttpUser, between, events, task
 
+try:
+    from loadtest.zipf import zipf_weights
+except ImportError:  # started from outside the repository: locust puts this file's folder on sys.path
+    from zipf import zipf_weights
+
 SENTENCES = [
     "The new phone has a wonderful screen and the battery lasts for days.",
     "Shares fell sharply after the quarterly earnings report.",
@@ -37,15 +46,12 @@ SENTENCES = [
 ]
 
 
-def zipf_weights(n: int, s: float) -> list[float]:
-    """Cumulative Zipf weights for ranks 1..n (rank 1 most popular)."""
-    return list(itertools.accumulate(1.0 / (k ** s) for k in range(1, n + 1)))
-
-
 class Popularity:
+    """Adapter names drawn by Zipf popularity (the first name is rank 1, the most popular)."""
+
     def __init__(self, names: list[str], s: float, rng: random.Random):
         self.names = names
-        self.cum = zipf_weights(len(names), s) if names else []
+        self.cum = list(itertools.accumulate(zipf_weights(len(names), s)))
         self.rng = rng
 
     def pick(self) -> str:

@@ -1,12 +1,13 @@
-"""The peft way to serve LoRA adapters on a torch encoder -- the baseline of
-``loadtest/bench_lora_impl.py`` (the service uses ``models.lora_slots``, measured faster).
+"""The peft way to serve LoRA adapters on a torch encoder: the baseline of
+``loadtest/bench_lora_impl.py`` (the service uses slots, ``models.LoraEncoder``).
 
 The served encoder (``BertModel``-shaped: ``last_hidden_state`` + ``pooler_output``) is wrapped
 in one ``PeftModel`` the first time an adapter arrives. Each adapter's LoRA matrices are loaded
 from its safetensors (names mapped onto the served module tree, so an adapter trained on
 ``BertForSequenceClassification`` -- ``bert.encoder...`` -- fits a ``BertModel`` checkpoint), and
-its classification head (peft's ``modules_to_save``) is kept here as a plain ``Linear`` over the
-pooled output, exactly as ``BertForSequenceClassification`` applies it.
+its classification head (peft's ``modules_to_save``) is kept here as ``(weight, bias, labels)``
+(``models.classifier_head``), as ``BertForSequenceClassification`` applies it over the pooled
+output.
 
 One forward pass serves rows of different adapters and of the bare base: peft's
 ``adapter_names`` (``"__base__"`` for the base) selects each row's LoRA path inside every layer;
@@ -20,8 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from models.adapters import WEIGHTS_FILE, AdapterCheck, InvalidAdapter
-from models.lora_slots import _served_name, classifier_head
+from models import WEIGHTS_FILE, AdapterCheck, InvalidAdapter, classifier_head, served_module_name
 
 BASE = "__base__"
 
@@ -34,20 +34,20 @@ def split_state(check: AdapterCheck, module_names: set[str]) -> tuple[dict, dict
         if ".lora_A." in key or ".lora_B." in key:
             marker = ".lora_A." if ".lora_A." in key else ".lora_B."
             module, rest = key.split(marker)
-            lora[f"base_model.model.{_served_name(module, module_names)}{marker}{rest}"] = tensor
+            lora[f"base_model.model.{served_module_name(module, module_names)}{marker}{rest}"] = tensor
         else:
             head[key.replace(".modules_to_save.default", "")] = tensor
     return lora, head
 
 
-class LoraEncoder:
+class PeftEncoder:
     """The served encoder plus its loaded adapters."""
 
     def __init__(self, encoder: torch.nn.Module):
         self.encoder = encoder  # the plain model until the first adapter arrives
         self.peft = None
         self._modules = {name for name, _ in encoder.named_modules()}
-        self.heads: dict[str, Head] = {}
+        self.heads: dict[str, tuple] = {}
         self.tasks: dict[str, str] = {}
 
     @property

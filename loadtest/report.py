@@ -1,49 +1,130 @@
-"""Markdown output of the embeddings benchmark: machine header, results table, ratios.
+"""Results files: what every benchmark writes, and the facts that make its numbers comparable.
 
-Kept apart from the measuring code so the numbers and their presentation can change separately.
+Every results file (``loadtest/results/<name>.md`` and ``.json``; ``--quick`` smoke runs go to
+``loadtest/results/quick/``, git-ignored) records: the commit (``git rev-parse --short HEAD``,
+``+dirty`` when the tree has uncommitted changes), the exact command, the CPU model and its
+instruction-set extensions (AVX2, AVX-512, VNNI, AMX: present or not, from /proc/cpuinfo),
+core count, package versions, and the repetitions behind each figure. A figure is the median of
+its repetitions with the spread (min-max): ``Stat``. Paths in results are relative to the
+repository (``scrub``); absolute paths of this machine never reach a results file.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import re
 import shlex
+import statistics
+import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from cpuwatch import BUSY
-from httpload import LoadResult
-
-Row = tuple[str, LoadResult]  # (setup label, result)
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "loadtest" / "results"
+PACKAGES = ("torch", "transformers", "onnxruntime", "optimum", "peft", "ray", "fastapi", "uvicorn",
+            "numpy", "tokenizers")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512vnni", "avx_vnni", "amx_tile")
 
 
-def rel(path: str) -> str:
-    """A path relative to the repo when it lies inside it (for reports)."""
+# -- statistics ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stat:
+    """A figure over repetitions: median and spread."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, values) -> Stat | None:
+        vals = [float(v) for v in values if v is not None]
+        if not vals:
+            return None
+        return cls(statistics.median(vals), min(vals), max(vals), len(vals))
+
+    def fmt(self, digits: int = 1, unit: str = "") -> str:
+        """``342.0 (317.0-370.0)``; one repetition: the value alone."""
+        m = f"{self.median:,.{digits}f}{unit}"
+        if self.n < 2:
+            return m
+        return f"{m} ({self.low:,.{digits}f}-{self.high:,.{digits}f})"
+
+    def as_dict(self) -> dict:
+        return {"median": self.median, "min": self.low, "max": self.high, "n": self.n}
+
+
+def fmt(stat: Stat | None, digits: int = 1, unit: str = "") -> str:
+    return "n/a" if stat is None else stat.fmt(digits, unit)
+
+
+def ratio(a: Stat | None, b: Stat | None) -> Stat | None:
+    """Median over median, with the spread of the extreme pairings (min/max, max/min)."""
+    if a is None or b is None or not b.median or not b.low or not b.high:
+        return None
+    return Stat(a.median / b.median, a.low / b.high, a.high / b.low, min(a.n, b.n))
+
+
+def ratios(a: list[float], b: list[float]) -> Stat | None:
+    """Per-repetition ratios a[i] / b[i] (same round, so drift cancels), as a Stat."""
+    return Stat.of([x / y for x, y in zip(a, b) if y])
+
+
+# -- the machine and the code ----------------------------------------------------------------------
+def cpu_facts(cpuinfo: str | None = None) -> dict:
+    """CPU model, flags of interest and the ISA line, from /proc/cpuinfo text."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags = None, set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    have = {f: f in flags for f in ISA_FLAGS}
+    model = model or platform.processor() or "unknown CPU"
+    return {"model": model, "flags": have, "isa": isa_line(have)}
+
+
+def isa_line(have: dict[str, bool]) -> str:
+    """E.g. ``ISA: AVX2 (no AVX-512, no VNNI, no AMX)`` or
+    ``ISA: AVX2, AVX-512, AVX-512 VNNI, AMX (no AVX-VNNI)``."""
+    avx512_vnni = bool(have.get("avx512_vnni") or have.get("avx512vnni"))
+    avx_vnni = bool(have.get("avx_vnni"))
+    yes, no = [], []
+    for name, ok in (("AVX2", have.get("avx2")), ("AVX-512", have.get("avx512f"))):
+        (yes if ok else no).append(name)
+    if avx512_vnni or avx_vnni:  # name the kind present, and the other kind as absent
+        (yes if avx512_vnni else no).append("AVX-512 VNNI")
+        (yes if avx_vnni else no).append("AVX-VNNI")
+    else:
+        no.append("VNNI")
+    (yes if have.get("amx_tile") else no).append("AMX")
+    return "ISA: " + (", ".join(yes) or "none of AVX2/AVX-512/VNNI/AMX") + (
+        f" (no {', no '.join(no)})" if no and yes else "")
+
+
+def cores() -> str:
+    total = os.cpu_count() or 0
     try:
-        return os.path.relpath(path, REPO) if Path(path).is_relative_to(REPO) else path
-    except ValueError:
-        return path
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = total
+    return f"{usable} cores" + (f" (of {total})" if usable != total else "")
 
 
-def command_line(argv: list[str]) -> str:
-    """The command that produced a report, as a user would type it from the repo root."""
-    return shlex.join([rel(sys.executable), rel(str(Path(sys.argv[0]).resolve())), *argv])
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _ram_gib() -> str:
+def ram_gib() -> str:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
@@ -53,109 +134,128 @@ def _ram_gib() -> str:
     return "unknown"
 
 
-def _version(dist: str) -> str:
+def commit() -> str:
+    """Short HEAD, ``+dirty`` when the working tree has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=20).stdout.strip()
+
     try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+        head = git("rev-parse", "--short", "HEAD") or "unknown"
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
-EMBEDDINGS_TITLE = "Embeddings throughput: loraserve vs. a plain FastAPI recipe vs. the in-process ceiling"
+def versions(extra: dict[str, str] | None = None) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in PACKAGES:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    out.update(extra or {})
+    return out
 
 
-def machine_header(command: str, notes: list[str], title: str = EMBEDDINGS_TITLE) -> str:
-    """Where and how the numbers were taken; numbers without this are not comparable."""
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        f"# {title}",
-        "",
-        f"- date: {now}",
-        f"- CPU: {_cpu_model()}, {os.cpu_count()} cores; RAM {_ram_gib()}",
-        f"- OS: {platform.system()} {platform.release()}",
-        f"- Python {platform.python_version()}, torch {_version('torch')}, transformers "
-        f"{_version('transformers')}, ray {_version('ray')}, fastapi {_version('fastapi')}, "
-        f"uvicorn {_version('uvicorn')}",
-        f"- command: `{command}`",
+def command(argv: list[str], module: str) -> str:
+    """The command as typed from the repository root: ``.venv/bin/python -m loadtest.x ...``."""
+    return shlex.join([rel(sys.executable), "-m", module, *argv])
+
+
+def machine(argv: list[str], module: str, reps: int, extra_versions: dict | None = None) -> dict:
+    cpu = cpu_facts()
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit(), "command": command(argv, module), "cpu": cpu["model"],
+        "isa": cpu["isa"], "isa_flags": cpu["flags"], "cores": cores(), "ram": ram_gib(),
+        "os": f"{platform.system()} {platform.release()}", "versions": versions(extra_versions),
+        "repetitions": reps,
+    }
+
+
+def header(title: str, facts: dict, notes: list[str], quick: bool = False) -> str:
+    v = ", ".join(f"{k} {val}" for k, val in facts["versions"].items())
+    lines = [f"# {title}", ""]
+    if quick:
+        lines += ["**Smoke run (`--quick`): one short repetition; the numbers are not results.**", ""]
+    lines += [
+        f"- date: {facts['date']}; commit: {facts['commit']}",
+        f"- command: `{facts['command']}`",
+        f"- CPU: {facts['cpu']}, {facts['cores']}; {facts['isa']}; RAM {facts['ram']}; {facts['os']}",
+        f"- versions: {v}",
+        f"- figures: median of {facts['repetitions']} repetitions, spread (min-max) in brackets",
         *[f"- {n}" for n in notes],
         "",
     ]
     return "\n".join(lines)
 
 
-def _fmt(x: float, digits: int = 1) -> str:
-    return f"{x:,.{digits}f}"
+# -- paths and files -------------------------------------------------------------------------------
+def rel(path: str | Path) -> str:
+    """A path relative to the repository when it lies inside it, else as given."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(REPO)) if p.is_absolute() else str(p)
+    except ValueError:
+        return str(p)
 
 
-def table(rows: list[Row]) -> str:
-    """One line per setup x concurrency. The client-CPU column is the load generator's CPU time
-    in the measured window (for in-process rows: the backend's own CPU time); "other CPU" is
-    what processes outside the benchmark used meanwhile, in cores (should be ~0)."""
-    out = [
-        "| setup | concurrency | req/s | p50 ms | p99 ms | errors | client CPU s (% of 1 core) "
-        "| other CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, r in rows:
-        cpu = f"{r.client_cpu_s:.2f} ({100 * r.client_cpu_s / r.duration_s:.0f}%)"
-        if label.startswith("in-process"):
-            cpu = f"({cpu} backend)"
-        errors = str(r.errors)
-        if r.error_kinds:
-            errors += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(r.error_kinds.items())) + ")"
-        other = f"{r.other_cpu:.2f}" + (" (!)" if r.other_cpu > BUSY else "")
-        out.append(
-            f"| {label} | {r.concurrency} | {_fmt(r.rps)} | {_fmt(r.p50_ms, 2)} | "
-            f"{_fmt(r.p99_ms, 2)} | {errors} | {cpu} | {other} |"
-        )
-    disturbed = [(label, r) for label, r in rows if r.other_cpu > BUSY]
-    if disturbed:
-        out += ["", f"(!) Disturbed: other processes used more than {BUSY:.2f} cores during these "
-                "points, so their numbers are too low; rerun on a quiet machine."]
-        out += [f"- {label} c{r.concurrency}: {r.other_cpu:.2f} cores, busiest {r.other_top}"
-                for label, r in disturbed]
-    return "\n".join(out)
+def _replacements() -> list[tuple[str, str]]:
+    pairs = [(str(REPO) + "/", ""), (str(REPO), "."), (sys.prefix + "/", rel(sys.prefix) + "/"),
+             (tempfile.gettempdir().rstrip("/") + "/", "<tmp>/"), (str(Path.home()) + "/", "~/")]
+    return sorted({p for p in pairs if len(p[0]) > 1}, key=lambda p: -len(p[0]))
 
 
-def _find(rows: list[Row], prefix: str, concurrency: int) -> LoadResult | None:
-    for label, r in rows:
-        if label.startswith(prefix) and r.concurrency == concurrency:
-            return r
-    return None
+ABSOLUTE = re.compile(r"(?<![\w.<~])/(?:home|root|work|tmp|Users|var|opt|srv|mnt)/[^\s\"'`)]*")
 
 
-def ratios(rows: list[Row], top: int) -> str:
-    """The three headline numbers; ``top`` is the highest concurrency measured (normally 32)."""
-    service, recipe = _find(rows, "service", top), _find(rows, "recipe", top)
-    ceiling = _find(rows, "in-process", 32)
-    c1 = _find(rows, "service", 1)
-    lines = ["", "Ratios:", ""]
-
-    def ratio(a: LoadResult | None, b: LoadResult | None) -> str:
-        return f"{a.rps / b.rps:.2f}x" if a and b and b.rps else "n/a"
-
-    lines.append(f"- service / recipe req/s at c{top}: {ratio(service, recipe)}")
-    lines.append(
-        f"- service at c{top} / in-process ceiling (backend looping over batches of 32): "
-        f"{ratio(service, ceiling)}"
-    )
-    lines.append(f"- service p50 at c1: {_fmt(c1.p50_ms, 2) + ' ms' if c1 else 'n/a'}")
-    alone = _find(rows, "in-process,", 1)
-    if alone:
-        lines.append(
-            f"- one sentence through the model alone at a replica's thread count: p50 "
-            f"{_fmt(alone.p50_ms, 2)} ms (the floor under the service's c1 p50; the rest is "
-            "HAProxy, the replica's HTTP handling and the batcher hand-off)"
-        )
-    return "\n".join(lines)
+def scrub(obj):
+    """``obj`` (str, list, dict, ...) with this machine's absolute paths made relative (repo),
+    ``<tmp>/`` (temporary files), ``~/`` (home); any other absolute path left: ``<abs>``."""
+    if isinstance(obj, str):
+        for old, new in _replacements():
+            obj = obj.replace(old, new)
+        return ABSOLUTE.sub("<abs>", obj)
+    if isinstance(obj, dict):
+        return {scrub(str(k)) if isinstance(k, str) else k: scrub(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub(x) for x in obj]
+    if isinstance(obj, Path):
+        return scrub(str(obj))
+    return obj
 
 
-def client_cpu_summary(rows: list[Row]) -> str:
-    http = [r for label, r in rows if not label.startswith("in-process")]
-    if not http:
-        return ""
-    cpu = sum(r.client_cpu_s for r in http)
-    wall = sum(r.duration_s for r in http)
-    return (
-        f"\nLoad generator CPU: {cpu:.2f} s over {wall:.0f} s of measured windows "
-        f"({100 * cpu / wall:.1f}% of one core on average; the machine has {os.cpu_count()} cores)."
-    )
+def _plain(obj):
+    if isinstance(obj, Stat):
+        return obj.as_dict()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(x) for x in obj]
+    if hasattr(obj, "as_dict"):
+        return _plain(obj.as_dict())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def output_paths(name: str, quick: bool, output: str | None = None) -> tuple[Path, Path]:
+    md = Path(output) if output else (RESULTS / "quick" if quick else RESULTS) / f"{name}.md"
+    return md, md.with_suffix(".json")
+
+
+def write(name: str, title: str, facts: dict, notes: list[str], body: str, data: dict,
+          quick: bool = False, output: str | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.md`` (header + body) and ``<name>.json`` (facts, notes, data)."""
+    md, js = output_paths(name, quick, output)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(scrub(header(title, facts, notes, quick) + "\n" + body.rstrip() + "\n"))
+    raw = {"title": title, "smoke_run": quick, "machine": facts, "notes": notes, **data}
+    js.write_text(json.dumps(scrub(_plain(raw)), indent=1, default=str) + "\n")
+    return md, js
+
+
+def say(msg: str) -> None:
+    """Progress on stderr, one line per step, with the time of day."""
+    print(f"[{datetime.datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -1,56 +1,106 @@
-"""What building the ONNX variants of a model costs and what they score at the parity gate.
+"""What building the ONNX variants costs, and what they score at the parity gate.
 
-Builds the config's model (default: ``minilm`` of deploy/local.yaml) into a fresh temporary
-cache, once with the configured settings and once with per-tensor int8 weights
-(``per_channel: false``) for comparison, and reports: the time of each build step (from the
-build's own progress lines), and each variant's parity result against torch on the probe set
-(max abs diff, mean and least cosine, and the same with the probe adapter on every other row),
-with the probe sentences where int8 agrees least.
+Builds the config's model (``--model``, minilm) with ``models.ensure_variants`` into a fresh
+temporary cache, in a fresh spawned process each time (as ``loraserve up`` builds: imports
+included), ``--reps`` times with the configured settings and ``--reps`` times with per-tensor
+int8 weights (``per_channel: false``) for comparison, alternating. Reported: the time of each
+build step (from the build's own progress lines; median and spread), each variant's parity
+against torch on the probe set (as the gate computes it; the same in every repetition, which is
+checked), and the probe sentences where int8 agrees least with torch.
 
-Usage (from the repository root): ``.venv/bin/python loadtest/variant_build.py [--model minilm]``;
-writes loadtest/results/variants-build.md.
+Written to loadtest/results/variants-build.md and .json. Usage (from the repository root):
+``.venv/bin/python -m loadtest.variant_build [--quick] [--model minilm]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import re
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from scriptenv import HERE  # noqa: E402  (first: offline HF; loadtest helpers + repo importable)
+from loadtest import report
+from loadtest.report import Stat, fmt, say
 
-import numpy as np  # noqa: E402
-
-import report  # noqa: E402
-
+NAME, MODULE = "variants-build", "loadtest.variant_build"
 TITLE = "ONNX variants: build cost and parity with torch"
+SETTINGS = {"configured (per-channel int8)": {}, "per-tensor int8": {"per_channel": False}}
 
 
-def build(spec, cache: Path) -> tuple[Path, list[tuple[float, str]]]:
-    from models.onnx_export import ensure_variants
+def step_name(message: str) -> str:
+    """A progress line without its numbers and paths: the same step in every build."""
+    who, _, text = message.rpartition(":")
+    text = re.sub(r"\S*/\S*", "", text)
+    text = re.sub(r"\(.*?\)|(?<![\w.-])\d+(\.\d+)?( s\b)?", "", text)
+    text = re.sub(r"\bparity (passed|FAILED)\b", "parity check", text)
+    text = re.sub(r"\s+", " ", text).strip(" ,.").removesuffix(" in")
+    return f"{who.split('@', 1)[1]}: {text}" if "@" in who else text
 
+
+def build_child(config: str, model_id: str, onnx_update: dict, worst: int) -> dict:
+    """One build into a fresh cache (in a spawned process); steps, parity, least agreeing."""
+    import numpy as np
+
+    from loadtest.inprocess import model_spec
+    from models import create_backend, ensure_variants, probe_texts, references, run_probe
+    from serve.settings import load_settings
+
+    spec = model_spec(load_settings(config), model_id)
+    spec = spec.model_copy(update={"onnx": spec.onnx.model_copy(update=onnx_update)})
     lines: list[tuple[float, str]] = []
-    start = time.perf_counter()
-    root = ensure_variants(spec, cache, progress=lambda m: lines.append((time.perf_counter() - start, m)))
-    lines.append((time.perf_counter() - start, "done"))
-    return root, lines
-
-
-def least_agreeing(spec, root: Path, n: int = 3) -> list[tuple[float, str]]:
-    """The probe sentences whose int8 output is least like torch's (bare base)."""
-    from models.backend import create_backend
-    from models.onnx_export import references
-    from models.parity import probe_texts, run_probe
-
-    backend = create_backend(spec, "onnx-int8", variant_cache=root.parent.parent)
-    backend.load()
-    ours, ref = run_probe(backend), references(root)[0]
+    with tempfile.TemporaryDirectory(prefix="loadtest-variant-build-") as tmp:
+        start = time.perf_counter()
+        root = ensure_variants(spec, Path(tmp), force=True,
+                               progress=lambda m: lines.append((time.perf_counter() - start, m)))
+        total = time.perf_counter() - start
+        parity = {v: json.loads((root / v / "manifest.json").read_text())["parity_at_build"]
+                  for v in ("onnx", "onnx-int8")}
+        backend = create_backend(spec, "onnx-int8", Path(tmp))
+        backend.load()
+        ours, ref = run_probe(backend), references(root)[0]
+        backend.close()
     cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
     texts = probe_texts()
-    return [(float(cos[i]), texts[i]) for i in np.argsort(cos)[:n]]
+    return {"total_s": total, "lines": lines, "parity": parity,
+            "least": [(float(cos[i]), texts[i]) for i in np.argsort(cos)[:worst]]}
+
+
+def steps(builds: list[dict]) -> list[tuple[str, Stat | None]]:
+    """Seconds from the previous progress line to each line, by step, over the builds."""
+    order: list[str] = []
+    per: dict[str, list[float]] = {}
+    for b in builds:
+        prev = 0.0
+        for t, msg in b["lines"]:
+            name = step_name(msg)
+            if name not in per:
+                order.append(name)
+            per.setdefault(name, []).append(t - prev)
+            prev = t
+    return [(n, Stat.of(per[n])) for n in order]
+
+
+def section(label: str, builds: list[dict]) -> str:
+    rows = [f"| {n} | {fmt(s, 1)} |" for n, s in steps(builds)]
+    first = builds[0]["parity"]
+    same = all(b["parity"] == first for b in builds)
+    par = ["| variant | max abs diff | mean cosine | least cosine | with probe adapter: max abs diff / "
+           "mean cosine | passed |", "|---|---:|---:|---:|---|---|"]
+    for v, p in first.items():
+        a = p.get("adapter_probe", {})
+        par.append(f"| {v} | {p['max_abs_diff']:.2g} | {p['mean_cosine']:.5f} | {p['min_cosine']:.4f} | "
+                   f"{a.get('max_abs_diff', float('nan')):.2g} / {a.get('mean_cosine', float('nan')):.5f} | "
+                   f"{p['passed']} |")
+    worst = "\n".join(f"- {c:.4f}  {t!r}" for c, t in builds[0]["least"])
+    return (f"## {label}\n\nWhole build: {fmt(Stat.of(b['total_s'] for b in builds))} s. Steps (seconds "
+            "from the previous progress line):\n\n| step | seconds |\n|---|---:|\n" + "\n".join(rows)
+            + "\n\nParity on the probe set" + ("" if same else " (first build; (!) the builds differed)")
+            + ":\n\n" + "\n".join(par) + f"\n\nProbe sentences where int8 agrees least with torch:\n\n{worst}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,44 +108,36 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="deploy/local.yaml")
     p.add_argument("--model", default="minilm")
-    p.add_argument("--output", default=str(HERE / "results" / "variants-build.md"))
-    args = p.parse_args(argv)
+    p.add_argument("--reps", type=int, default=3, help="builds per setting (>= 3)")
+    p.add_argument("--quick", action="store_true", help="smoke run: one build per setting")
+    p.add_argument("--output", default=None)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.reps = 1
+    elif a.reps < 3:
+        p.error("--reps must be >= 3; use --quick for a smoke run")
+    from loadtest.inprocess import model_spec
+    from serve.settings import load_settings
 
-    from serve.launcher import app_args, load_config
-    from serve.settings import AppSettings
-
-    settings = AppSettings.model_validate(app_args(load_config(args.config)))
-    spec = next(m for m in settings.models if m.id == args.model)
-    per_tensor = spec.model_copy(update={"onnx": spec.onnx.model_copy(update={"per_channel": False})})
-    sections, raw = [], {}
-    with tempfile.TemporaryDirectory(prefix="variant-build-") as tmp:
-        for label, s in (("configured (per-channel int8)", spec), ("per-tensor int8", per_tensor)):
-            root, lines = build(s, Path(tmp) / label.split()[0])
-            rows = ["| variant | max abs diff | mean cosine | least cosine | with probe adapter: max abs diff / mean cosine | passed |",
-                    "|---|---:|---:|---:|---|---|"]
-            for variant in ("onnx", "onnx-int8"):
-                parity = json.loads((root / variant / "manifest.json").read_text())["parity_at_build"]
-                probe = parity["adapter_probe"]
-                rows.append(f"| {variant} | {parity['max_abs_diff']:.2g} | {parity['mean_cosine']:.5f} | "
-                            f"{parity['min_cosine']:.4f} | {probe['max_abs_diff']:.2g} / {probe['mean_cosine']:.5f} | "
-                            f"{parity['passed']} |")
-                raw[f"{label}/{variant}"] = parity
-            steps = "\n".join(f"- {t:6.1f} s  {m}" for t, m in lines)
-            worst = "\n".join(f"- {c:.4f}  {t!r}" for c, t in least_agreeing(s, root))
-            sections.append(f"## {label}\n\nBuild steps (seconds since the start of the build):\n\n"
-                            f"{steps}\n\nParity on the probe set:\n\n" + "\n".join(rows)
-                            + f"\n\nProbe sentences where int8 agrees least with torch:\n\n{worst}")
-    notes = [f"model: {spec.id} ({spec.source}); a fresh temporary cache per build",
-             "parity as the gate computes it (models/parity.py); thresholds: fp32 max abs diff "
-             f"{spec.onnx.parity.fp32_max_abs_diff:g}, int8 mean cosine {spec.onnx.parity.int8_cosine}"]
-    out = Path(args.output)
-    text = "\n\n".join(sections)
-    out.write_text(report.machine_header(report.command_line(argv), notes, title=TITLE) + "\n" + text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
-    print(text)
-    print(f"\nwritten to {report.rel(str(out))}")
+    spec = model_spec(load_settings(a.config), a.model)
+    ctx = multiprocessing.get_context("spawn")
+    builds: dict[str, list[dict]] = {k: [] for k in SETTINGS}
+    for rep in range(a.reps):
+        for label, update in SETTINGS.items():
+            say(f"build {rep + 1}/{a.reps}: {label}")
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                builds[label].append(pool.submit(build_child, a.config, spec.id, update, 3).result())
+            say(f"  {builds[label][-1]['total_s']:.1f} s")
+    notes = [f"model: {spec.id} ({spec.hub_id or spec.source}); each build in a fresh spawned process "
+             "into a fresh temporary cache; settings alternate",
+             f"parity as the gate computes it; thresholds: fp32 max abs diff {spec.onnx.parity.fp32_max_abs_diff:g}, "
+             f"int8 mean cosine {spec.onnx.parity.int8_cosine}"]
+    body = "\n\n".join(section(label, b) for label, b in builds.items())
+    facts = report.machine(argv, MODULE, a.reps)
+    md, js = report.write(NAME, TITLE, facts, notes, body, {"args": vars(a), "builds": builds}, a.quick, a.output)
+    say(f"written to {report.rel(md)} and {report.rel(js)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -112,10 +112,9 @@ def _column_major_linear_weights(module: torch.nn.Module) -> None:
 
     ``F.linear`` computes ``x @ W.T``. With ``W`` row-major, MKL's sgemm repacks the whole weight
     on every call, which for the dozen token rows of a one-sentence request is most of the
-    matmul (py-spy: ~40% of a replica's forward pass in ``sgemm_scopy``). With ``W.T``
-    contiguous it does not. Measured on all-MiniLM-L6-v2, one torch thread: one sentence
-    11.1 -> 10.1 ms per forward pass, batches of 32 unchanged, outputs bit-identical
-    (``loadtest/results/c1-breakdown.md``).
+    matmul (a py-spy profile of a replica showed it in ``sgemm_scopy``). With ``W.T``
+    contiguous it does not; outputs are bit-identical. The one-sentence latency this gives is
+    measured in ``loadtest/results/variants.md`` (torch, one sentence in process).
     """
     for m in module.modules():
         if isinstance(m, torch.nn.Linear):
