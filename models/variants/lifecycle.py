@@ -58,8 +58,8 @@ class VariantLifecycle:
         *,
         on_swap: Callable[[Backend], None] = lambda backend: None,
         on_reload: Callable[[str], None] = lambda result: None,
-        resident: Callable[[], dict[str, tuple[AdapterRef, tuple]]] = dict,
-        revalidate: Callable[[AdapterRef], AdapterCheck] | None = None,
+        resident: Callable[[], dict[str, tuple[AdapterRef, tuple]]],
+        revalidate: Callable[[AdapterRef], AdapterCheck],
     ):
         self.spec = spec
         self.variant = variant

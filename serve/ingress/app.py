@@ -1,10 +1,10 @@
-"""The Router deployment: HTTP routes only (FastAPI through ``serve.ingress``).
+"""The Router deployment: HTTP routes only (FastAPI, mounted with Ray's ``@serve.ingress``).
 
 Each route hands the request to the Ray-free logic: ``serve.ingress.core`` (inference),
 ``serve.ingress.admin`` (adapter admin), ``serve.ingress.listing`` (models, health). FastAPI's
 own errors (unknown route, wrong method, its 422) are mapped to the error envelope here.
 
-No ``from __future__ import annotations`` here: ``serve.ingress`` re-wraps the route methods and
+No ``from __future__ import annotations`` here: Ray's ``@serve.ingress`` re-wraps the route methods and
 FastAPI must see real annotation objects (``Request``), not strings.
 """
 
@@ -22,7 +22,6 @@ from serve.ingress.responses import error_response, json_response, serve_request
 from serve.ingress.schemas import ClassifyRequest, EmbeddingsRequest, LoadAdapterRequest, UnloadAdapterRequest
 from serve.metrics import AdapterLabels, ServiceMetrics
 from serve.registry.client import RegistryClient
-from serve.server.local import ModelServer
 from serve.server.wiring import build_servers, start_registry
 from serve.settings import AppSettings
 
@@ -98,7 +97,6 @@ class Router:
 
     def check_health(self) -> None:
         for key, server in self.core.servers.items():
-            if isinstance(server, ModelServer):
-                server.report()
+            server.report()
             if not server.alive():
                 raise RuntimeError(f"model server {key} is not running")

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from ray import serve
 
+from models.factory import backend_factory
 from serve.metrics import ModelMetrics
 from serve.registry.client import RegistryClient
 from serve.server.local import ModelServer
 from serve.server.protocol import Outputs
-from serve.server.wiring import backend_factory, report_multiplexed_ids, start_registry
+from serve.server.wiring import report_multiplexed_ids, start_registry
 from serve.settings import AdapterSettings, ServedModel, VariantSettings
 
 

@@ -14,7 +14,6 @@ The backend's life (open, parity gate for ONNX, file watch, swap) is ``VariantLi
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 
 from models.adapters.identity import AdapterRef
@@ -220,14 +219,12 @@ class ModelServer:
         tokens = sum(len(r) for r in rows)
         if adapter is None:
             return Outputs(await self._submit(rows, None, timeout_s), tokens)
-        started = time.monotonic()
-        try:  # the load counts against the request's deadline too
+        try:  # the load has a deadline of its own, as long as the inference's
             key = await _within(self.adapters.acquire(adapter), timeout_s)
         except TimeoutError:
             raise InferenceTimeout(f"loading adapter {adapter.name!r} took longer than {timeout_s:g} s") from None
         try:
-            left = max(timeout_s - (time.monotonic() - started), 0.001)
-            values = await self._submit(rows, key, left)
+            values = await self._submit(rows, key, timeout_s)
         finally:
             self.adapters.release(key)
         return Outputs(values, tokens)

@@ -51,6 +51,9 @@ class ModelServerProtocol(Protocol):
     def alive(self) -> bool:
         """False when the server can no longer serve (Serve then replaces the replica)."""
 
+    def report(self) -> None:
+        """Re-record gauges that Serve's periodic health check keeps fresh."""
+
     def close(self) -> None: ...
 
 

@@ -60,5 +60,8 @@ class RemoteModelServer:
     def alive(self) -> bool:
         return True  # its own replicas are health-checked by Serve
 
+    def report(self) -> None:
+        pass  # its replicas report their own gauges
+
     def close(self) -> None:
         pass

@@ -2,10 +2,8 @@
 
 ``build_servers`` makes the server of every (base, variant) of the config: a ``ModelServer`` in
 this replica for placement ``colocated``, a ``RemoteModelServer`` over the deployment's handle
-for ``separate``. ``backend_factory`` is where ONNX variants missing from the cache are built
-(explicitly, under the build's file lock) before ``models.factory.create_backend`` picks the
-backend. ``start_registry`` connects a replica to the registry actor and keeps its local servers
-in step with it.
+for ``separate``; backends come from ``models.factory.backend_factory``. ``start_registry``
+connects a replica to the registry actor and keeps its local servers in step with it.
 """
 
 from __future__ import annotations
@@ -14,15 +12,12 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from ray import serve
 
 from models.adapters.identity import AdapterRef
-from models.backend import Backend
-from models.factory import create_backend
+from models.factory import backend_factory
 from models.registration import AdapterInspector
-from models.spec import ONNX_VARIANTS, ModelSpec
 from serve.errors import as_service_error
 from serve.metrics import ModelMetrics
 from serve.registry.client import RegistryClient
@@ -33,19 +28,6 @@ from serve.server.remote import RemoteModelServer
 from serve.settings import AdapterSettings, AppSettings
 
 log = logging.getLogger("loraserve")
-
-
-def backend_factory(cache: Path) -> Callable[[ModelSpec, str], Backend]:
-    """``create_backend`` over the variant cache; an ONNX variant not built yet is built first
-    (``loraserve up`` builds them before any replica starts, so this is the cluster case)."""
-    from models.variants.build import ensure_variants
-
-    def make(spec: ModelSpec, variant: str) -> Backend:
-        if variant in ONNX_VARIANTS:
-            ensure_variants(spec, cache)
-        return create_backend(spec, variant, cache)
-
-    return make
 
 
 def build_servers(

@@ -239,7 +239,7 @@ def test_model_server_keeps_running_with_a_broken_variant(tiny_models, private_c
         from functools import partial
 
         server = ModelServer(spec, "onnx", partial(create_backend, variant_cache=private_cache)).load()
-        info = server.lifecycle.info
+        info = await server.variant_info()
         assert info["status"] == "failed" and "lora.onnx is not a readable ONNX model" in info["reason"]
         assert server.alive()  # the replica is not restarted for it
         with pytest.raises(VariantUnavailable, match="not a readable ONNX model"):
@@ -275,7 +275,7 @@ def test_variant_failing_parity_is_not_served_and_says_why(tiny_models, private_
         from functools import partial
 
         server = ModelServer(spec, "onnx", partial(create_backend, variant_cache=private_cache)).load()
-        info = server.lifecycle.info
+        info = await server.variant_info()
         assert info["status"] == "failed"
         assert info["reason"].startswith("tiny-embed@onnx is not served: parity with torch failed: max abs diff")
         assert info["parity"]["passed"] is False and info["parity"]["max_abs_diff"] > 1e-4
@@ -307,7 +307,7 @@ def test_lora_graph_that_ignores_adapters_fails_parity(tiny_models, private_cach
         from functools import partial
 
         server = ModelServer(spec, variant, partial(create_backend, variant_cache=private_cache)).load()
-        info = server.lifecycle.info
+        info = await server.variant_info()
         assert info["status"] == "failed"
         assert "with the probe adapter" in info["reason"]
         assert info["parity"]["adapter_probe"]["mean_cosine"] < 0.99
@@ -323,7 +323,7 @@ def test_thresholds_come_from_config(tiny_models, cache):
         from functools import partial
 
         server = ModelServer(strict, "onnx", partial(create_backend, variant_cache=cache)).load()
-        assert server.lifecycle.info["status"] == "failed"
+        assert (await server.variant_info())["status"] == "failed"
         assert "> 1e-12" in server.lifecycle.info["reason"]
         server.close()
 
@@ -348,7 +348,7 @@ def test_reload_swaps_only_files_that_pass_parity_and_keeps_adapters(tiny_models
                              store_roots=[store]).load()
         adapted = (await server.classify(TEXTS, adapter=ref)).values
         base = (await server.embed(TEXTS)).values
-        old_files = server.lifecycle.info["files"]
+        old_files = (await server.variant_info())["files"]
 
         # a replacement that loads but fails parity: rejected, the old session keeps serving
         _perturb(folder / "model.onnx")
@@ -441,7 +441,7 @@ def test_watcher_picks_up_replaced_files_and_outlives_a_failing_reload(tiny_mode
 
     async def run():
         server = ModelServer(spec, "onnx", partial(create_backend, variant_cache=private_cache)).load()
-        first = server.lifecycle.info["files"]["model.onnx"]
+        first = (await server.variant_info())["files"]["model.onnx"]
         real_reload, calls = server.lifecycle.reload, []
 
         async def failing_once():

@@ -59,8 +59,20 @@ def test_launcher_env_for_each_ingress_mode(tmp_path, monkeypatch):
     fast = env_for()
     assert fast["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert {k: fast[k] for k in launcher.THROUGHPUT_OPTIMIZED_ENV} == launcher.THROUGHPUT_OPTIMIZED_ENV
+    assert fast["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"  # its switches are set one by one instead
+    # ... and they are exactly the ones Ray's flag turns on, with the values it gives them
+    import inspect
+    import re
+
+    from ray.serve._private import constants
+
+    source = inspect.getsource(constants)
+    block = source[source.index("if RAY_SERVE_THROUGHPUT_OPTIMIZED:"):source.index("if RAY_SERVE_ENABLE_HA_PROXY:")]
+    ray_defaults = dict(re.findall(r'"(RAY_SERVE_[A-Z_]+)",\s*"?(\w+)"?', block))
+    assert ray_defaults == launcher.THROUGHPUT_OPTIMIZED_ENV
     assert fast["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"].startswith(str(tmp_path))
     plain = env_for(mode="proxy", throughput_optimized=False)
+    assert plain["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and "RAY_SERVE_USE_GRPC_BY_DEFAULT" not in plain
     assert plain["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and plain["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
     monkeypatch.setattr(launcher, "haproxy_available", lambda: False)
     assert env_for()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # falls back where no binary exists

@@ -22,6 +22,15 @@ from serve.errors import ERROR_TABLE, as_service_error, error_body
         (E.InferenceTimeout("x"), 408, "timeout"),
         (E.Overloaded("x"), 503, "overloaded"),
         (E.ServiceError("secret detail"), 500, "internal_error"),
+        (E.Forbidden("x"), 403, "forbidden"),
+        (E.MethodNotAllowed("x"), 405, "method_not_allowed"),
+        (E.Conflict("x"), 409, "conflict"),
+        (E.InvalidAdapter("x"), 400, "invalid_adapter"),
+        (E.TaskNotSupported("x"), 400, "task_not_supported"),
+        (E.AdapterLoadFailed("x"), 503, "adapter_load_failed"),
+        (E.VariantUnavailable("x"), 503, "variant_unavailable"),
+        (E.NotReady("x"), 503, "not_ready"),
+        (E.ModelLoadError("x"), 503, "model_load_failed"),
     ],
 )
 def test_table_maps_status_code_and_envelope(err, status, code):
@@ -48,3 +57,19 @@ def test_errors_survive_pickling_across_a_ray_hop():
 
 def test_table_ends_with_the_catch_all():
     assert ERROR_TABLE[-1][0] is E.ServiceError
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+@pytest.mark.parametrize("cls", sorted(set(_all_subclasses(E.ServiceError)), key=lambda c: c.__name__))
+def test_every_error_class_has_its_own_code_and_a_non_500_status(cls):
+    """Every class of the hierarchy is something the service reports on purpose: it maps to a
+    4xx/503/408, never to the catch-all 500, and its code is stable and its own."""
+    status, body, _ = error_body(cls("x"), "r")
+    assert status != 500, cls
+    assert body["error"]["code"] == cls.code != E.ServiceError.code
+    assert [c for c in _all_subclasses(E.ServiceError) if c.code == cls.code] == [cls]
