@@ -135,14 +135,16 @@ def ram_gib() -> str:
 
 
 def commit() -> str:
-    """Short HEAD, ``+dirty`` when the working tree has uncommitted changes."""
+    """Short HEAD, ``+dirty`` when the working tree has uncommitted changes (results files
+    aside: ``make bench`` rewrites them one scenario after another)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=20).stdout.strip()
 
     try:
         head = git("rev-parse", "--short", "HEAD") or "unknown"
-        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)loadtest/results")
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
