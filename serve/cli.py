@@ -16,12 +16,28 @@ import signal
 import sys
 import time
 
+import yaml
+from pydantic import ValidationError
+
 from serve import launcher
 from serve.settings import load_config, load_settings
 
 
+def _config_problem(exc: Exception) -> str:
+    """One line for a config that cannot be read or validated."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+    what = "not valid YAML" if isinstance(exc, yaml.YAMLError) else type(exc).__name__
+    return f"{what}: {' '.join(str(exc).split())}"
+
+
 def _up(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+        service = launcher.LocalService(config)  # validates the settings
+    except (OSError, yaml.YAMLError, ValidationError, KeyError, TypeError, IndexError) as exc:
+        print(f"loraserve: cannot start {args.config}: {_config_problem(exc)}", file=sys.stderr)
+        return 2
     http = config.get("http_options", {})
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
 
@@ -37,7 +53,6 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     print(f"starting {args.config} ...", flush=True)
-    service = launcher.LocalService(config)
     try:
         service.start(say=lambda msg: print(msg, flush=True))
         print(
@@ -53,6 +68,9 @@ def _up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nshutting down ...", flush=True)
         return 0
+    except launcher.StartupError as exc:
+        print(f"loraserve: cannot start {args.config}: {exc}", file=sys.stderr)
+        return 2
     finally:
         service.stop()
 

@@ -24,6 +24,10 @@ from models.spec import ONNX_VARIANTS
 from serve.settings import AppSettings, app_args
 
 DEFAULT_CONFIG = "deploy/local.yaml"
+
+
+class StartupError(RuntimeError):
+    """An expected reason not to start (ports taken): the CLI prints it as one line."""
 log = logging.getLogger("loraserve")
 
 
@@ -142,7 +146,7 @@ class LocalService:
             busy += [f"127.0.0.1:{p} ({what})" for p in range(low, high + 1)
                      if _accepting("127.0.0.1", p, timeout_s=0.05)][:3]
         if busy:
-            raise RuntimeError(
+            raise StartupError(
                 f"already in use: {', '.join(busy)}. Is another loraserve running? Stop it or "
                 "choose other ports (http_options.port, args.metrics.export_port, "
                 "args.ingress: direct_port_range, direct_grpc_port_range, fallback_port)."
