@@ -35,6 +35,9 @@ def _up(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         service = launcher.LocalService(config)  # validates the settings
+    except launcher.StartupError as exc:
+        print(f"loraserve: cannot start {args.config}: {exc}", file=sys.stderr)
+        return 2
     except (OSError, yaml.YAMLError, ValidationError, KeyError, TypeError, IndexError) as exc:
         print(f"loraserve: cannot start {args.config}: {_config_problem(exc)}", file=sys.stderr)
         return 2

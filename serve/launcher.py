@@ -90,10 +90,39 @@ def ray_env(settings: AppSettings, run_dir: Path) -> dict[str, str]:
     return env
 
 
+def check_ray_keys(config: dict) -> None:
+    """Ray's own part of a Serve config accepts unknown keys silently (``route_prefx`` would be
+    ignored); refuse them, naming the closest known key."""
+    import difflib
+
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    def unknown(where: str, given: dict, schema) -> list[str]:
+        known = set(schema.model_fields) | {f.alias for f in schema.model_fields.values() if f.alias}
+        out = []
+        for key in sorted(set(given) - known):
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            out.append(f"{where}{key}" + (f" (did you mean {near[0]}?)" if near else ""))
+        return out
+
+    if not isinstance(config, dict):
+        raise StartupError("the config file must hold a mapping (Ray Serve's config format)")
+    bad = unknown("", config, ServeDeploySchema)
+    for i, application in enumerate(config.get("applications") or []):
+        if isinstance(application, dict):
+            bad += unknown(f"applications[{i}].", application, ServeApplicationSchema)
+            for j, deployment in enumerate(application.get("deployments") or []):
+                if isinstance(deployment, dict):
+                    bad += unknown(f"applications[{i}].deployments[{j}].", deployment, DeploymentSchema)
+    if bad:
+        raise StartupError(f"unknown key(s) in Ray's part of the config: {', '.join(bad)}")
+
+
 class LocalService:
     """One local Ray + Serve deployment of a config; ``start()``/``stop()`` or a context."""
 
     def __init__(self, config: dict, num_cpus: int | None = None):
+        check_ray_keys(config)
         self.config = config
         self.settings = AppSettings.model_validate(app_args(config))
         self.num_cpus = num_cpus

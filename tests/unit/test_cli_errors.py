@@ -39,7 +39,12 @@ def app(args: dict, port: int = 8000) -> dict:
     (app({"models": [{"id": "m", "source": "/nowhere", "task": "embed", "typo_field": 1}]}),
      "typo_field: Extra inputs are not permitted"),
     ("applications: [\n", "not valid YAML"),
-    ("just a string\n", "TypeError"),
+    ("just a string\n", "must hold a mapping"),
+    ({**app({"models": [{"id": "m", "source": "/nowhere", "task": "embed"}]}), "proxy_locaton": "HeadOnly"},
+     "unknown key(s) in Ray's part of the config: proxy_locaton (did you mean proxy_location?)"),
+    ({"applications": [{"name": "x", "import_path": "serve.app:build_app", "route_prefx": "/",
+                        "args": {"models": [{"id": "m", "source": "/nowhere", "task": "embed"}]}}]},
+     "applications[0].route_prefx (did you mean route_prefix?)"),
 ])
 def test_invalid_config_is_one_line(run, config, says):
     rc, err = run(config)
