@@ -8,7 +8,7 @@ CONFIG ?= deploy/local.yaml
 # The CPU wheel of torch; installed first so nothing pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: up test install bench bench-deps bench-embeddings bench-variants bench-adapters bench-lora-impl \
+.PHONY: up test install bench bench-deps prometheus-deps cluster-demo k8s bench-embeddings bench-variants bench-adapters bench-lora-impl \
         bench-levers bench-variant-build locust adapters clean
 
 install: $(STAMP)
@@ -26,8 +26,8 @@ up: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/loraserve up --config $(CONFIG)
 
 # Lint and import contracts first (seconds), then unit, model and integration tests.
-test: $(STAMP)
-	$(VENV)/bin/ruff check serve models loadtest tests
+test: $(STAMP) prometheus-deps
+	$(VENV)/bin/ruff check serve models loadtest ops tests
 	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
@@ -43,6 +43,12 @@ QUICK_ARG  := $(if $(filter 1,$(QUICK)),--quick,)
 bench-deps:
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 
+# Debian's Prometheus (prometheus + promtool) for tests/integration/test_prometheus.py; `make test`
+# runs it first. Where there is no apt-get, install Prometheus yourself (the test says so).
+prometheus-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || ! command -v apt-get >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+
 bench: bench-deps $(STAMP)
 	@rc=0; for s in $(BENCH); do echo "== loadtest.$$s"; \
 	  $(BENCH_ENV) $(PY) -m loadtest.$$s $(QUICK_ARG) $(BENCH_ARGS) || rc=1; done; exit $$rc
@@ -54,6 +60,15 @@ bench-embeddings bench-variants bench-adapters bench-lora-impl bench-levers benc
 LOCUST_ARGS ?= -u 32 -r 8 -t 60s
 locust: $(STAMP)
 	$(VENV)/bin/locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --headless $(LOCUST_ARGS)
+
+# A two-node Ray cluster on this machine (ray start), serve deploy deploy/cluster.yaml, a config
+# update under Locust load; report in loadtest/results/cluster-demo.md (docs/cluster.md).
+cluster-demo: $(STAMP)
+	$(BENCH_ENV) $(PY) -m loadtest.cluster_demo $(DEMO_ARGS)
+
+# k8s/rayservice.yaml from deploy/cluster.yaml and deploy/ray.env
+k8s: $(STAMP)
+	$(PY) -m ops.k8s
 
 adapters: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m models.training.finetune --train models/data/sentiment/train.jsonl --eval models/data/sentiment/test.jsonl --out adapters/sentiment --overwrite

@@ -83,7 +83,7 @@ class Counters:
                 "evictions": metrics.total(s, "ray_loraserve_adapter_evictions_total", model=BASE),
                 "batches": metrics.total(s, "ray_loraserve_batch_size_rows_count", model=BASE),
                 "requests_200": metrics.total(s, "ray_loraserve_requests_total", model=BASE, status="200"),
-                "load_ms": metrics.buckets(s, "ray_loraserve_adapter_load_latency_ms", model=BASE)}
+                "load_ms": metrics.buckets(s, "ray_loraserve_adapter_load_latency_seconds", model=BASE)}
 
     def settled(self, min_requests: float = 0.0, max_s: float = 45.0) -> dict:
         """Scrape until the request counter reached ``min_requests`` and nothing moved for
@@ -109,7 +109,11 @@ class Counters:
         return {"counters": {**d, "settled": before["settled"] and after["settled"],
                              "rows_per_batch": d["requests_200"] / d["batches"] if d["batches"] else None,
                              "loads_per_100": 100 * d["loads_ok"] / d["requests_200"] if d["requests_200"] else None,
-                             "load_ms_p50_bucket": metrics.bucket_quantile(before["load_ms"], after["load_ms"], 0.5)}}
+                             "load_ms_p50_bucket": _ms(metrics.bucket_quantile(before["load_ms"], after["load_ms"], 0.5))}}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
 
 
 def groups(base_url: str, a, with_base: bool) -> dict[str, list[Target]]:

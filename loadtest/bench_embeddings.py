@@ -5,7 +5,7 @@ variant), closed loop from wrk at each ``--concurrency`` (1, 8, 32). Setups, one
 they never share the cores:
 
 - ``ceiling``: the in-process ceiling in the service's layout (``loadtest.inprocess``):
-  ``router.max_replicas`` processes, each with the backend as a replica loads it, looping over
+  the Router's ``max_replicas`` processes, each with the backend as a replica loads it, looping over
   batches of ``max_batch_size`` sentences; summed sentences/s. Also one sentence at a time in one
   such process (the floor under the service's p50 at concurrency 1).
 - ``service``: ``loraserve up`` on the config (free ports, a temporary registry; nothing else
@@ -134,18 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     from models import resolve_source
-    from serve.settings import load_settings
+    from serve.settings import load_config, load_settings, replica_bounds
 
     settings = load_settings(a.config)
     spec = settings.models[0]
-    replicas = settings.router.max_replicas
+    replicas = replica_bounds(load_config(a.config))[1]
     work = workdir(NAME)
     notes = [
         f"request: POST /v1/embeddings {points.body(spec.id, SENTENCE)}; closed loop (wrk, one "
         f"keep-alive connection per client); per round: {a.warmup:g} s warm-up at c32, then "
         f"{a.duration:g} s per concurrency level",
         f"service: {report.rel(a.config)} with free ports and a temporary registry; the Router "
-        f"runs {settings.router.min_replicas}-{replicas} replicas, {spec.id} with torch_threads "
+        f"runs {replica_bounds(load_config(a.config))[0]}-{replicas} replicas, {spec.id} with torch_threads "
         f"{spec.torch_threads}, onnx threads {spec.onnx.threads}, variant {spec.default_variant}",
         f"in-process ceiling: {replicas} spawned processes (the Router's max_replicas), each "
         f"loading the backend as a replica does and looping tokenization + predict over batches "

@@ -29,21 +29,31 @@ from loadtest.service import BUSY, Server, bench_config, workdir
 NAME, MODULE = "levers", "loadtest.bench_levers"
 TITLE = "Serving-path levers (service only, torch, one sentence per request)"
 SENTENCE = "The quick brown fox jumps over the lazy dog."
-PROXY = {"ingress": {"mode": "proxy", "throughput_optimized": False}}
+THROUGHPUT = ("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE",
+              "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "RAY_SERVE_LOG_TO_STDERR", "RAY_SERVE_USE_GRPC_BY_DEFAULT",
+              "RAY_SERVE_FREEZE_GC_ON_STARTUP")
+# Ray's Python proxy with Ray's default flags: deploy/ray.env's fast-path lines removed.
+PROXY = {"ray_env": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+                     **dict.fromkeys(THROUGHPUT)}}
+PROXY_THROUGHPUT = {"ray_env": {"RAY_SERVE_ENABLE_HA_PROXY": "0"}}
 TWO_THREADS = {"torch_threads": 2}
-# name: (what differs from deploy/local.yaml, Router replicas (None: as configured), app args, model)
+SEPARATE = {"deployments": {
+    "Router": {"ray_actor_options": {"num_cpus": 0.5}},
+    "ModelServer-minilm-torch": {"autoscaling_config": {"min_replicas": 1, "initial_replicas": 2, "max_replicas": 2,
+                                                        "target_ongoing_requests": 8},
+                                 "ray_actor_options": {"num_cpus": 0.5}}}}
+# name: (what differs from deploy/local.yaml + deploy/ray.env, Router replicas (None: as configured),
+#        bench_config changes (deployments, ray_env), model settings)
 LEVERS: dict[str, tuple[str, int | None, dict, dict]] = {
     "proxy-1x2": ("Ray's Python proxy, default flags, 1 replica x 2 torch threads", 1, PROXY, TWO_THREADS),
     "proxy-2x1": ("Ray's Python proxy, default flags, 2 replicas x 1 torch thread", 2, PROXY, {}),
-    "proxy-throughput-1x2": ("Python proxy + RAY_SERVE_THROUGHPUT_OPTIMIZED=1, 1 replica x 2 threads", 1,
-                             {"ingress": {"mode": "proxy", "throughput_optimized": True}}, TWO_THREADS),
+    "proxy-throughput-1x2": ("Python proxy + the throughput-optimized switches, 1 replica x 2 threads", 1,
+                             PROXY_THROUGHPUT, TWO_THREADS),
     "haproxy-1x2": ("HAProxy + throughput flag, 1 replica x 2 torch threads", 1, {}, TWO_THREADS),
     "haproxy-2x1": ("the default: HAProxy + throughput flag, 2 replicas x 1 torch thread", None, {}, {}),
     "haproxy-2x1-two-hops": (
         "HAProxy, Router (0.5 CPU, 1 replica) -> model deployment 2 x 1 thread (0.5 CPU each): two hops", 1,
-        {"router": {"num_cpus": 0.5}},
-        {"placement": "separate", "deployment": {"min_replicas": 1, "initial_replicas": 2, "max_replicas": 2,
-                                                 "num_cpus": 0.5, "target_ongoing_requests": 8}}),
+        SEPARATE, {"placement": "separate"}),
     "haproxy-2x1-wait2ms": ("the default + batching.max_wait_ms: 2", None, {}, {"batching": {"max_wait_ms": 2}}),
 }
 
@@ -63,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_settings(a.config).models[0].id
     work, started, notes, results = workdir(NAME), time.monotonic(), [], {}
     for name in names:
-        what, replicas, app, model_patch = LEVERS[name]
-        cfg = bench_config(a.config, work / f"state-{name}", replicas=replicas, app=app,
+        what, replicas, changes, model_patch = LEVERS[name]
+        cfg = bench_config(a.config, work / f"state-{name}", replicas=replicas, **changes,
                            model={**model_patch, "variants": ["torch"], "default_variant": "torch"})
         server = Server.loraserve(name, cfg, work)
         try:

@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     from models import resolve_source
-    from serve.settings import load_settings
+    from serve.settings import load_config, load_settings, replica_bounds
 
     settings = load_settings(a.config)
     spec = inprocess.model_spec(settings, a.model)
@@ -279,13 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{spec.id} does not serve all of {VARIANTS} in {a.config}")
     adapters = [x.name for x in settings.adapters.preload if x.base == spec.id]
     long, long_tokens = long_text(resolve_source(spec.source), a.long_tokens)
-    replicas, work, started = settings.router.max_replicas, workdir(NAME), time.monotonic()
+    replicas, work, started = replica_bounds(load_config(a.config))[1], workdir(NAME), time.monotonic()
     notes = [f"model {spec.id} ({spec.hub_id or spec.source}); torch_threads {spec.torch_threads}, "
              f"onnx threads {spec.onnx.threads}; adapters {', '.join(adapters) or 'none'}",
              f"inputs: short = {SENTENCE!r}; long = {long_tokens} tokens incl. special tokens",
              f"served: {report.rel(a.config)} with free ports, temporary registry; rounds interleave "
              f"the variants, each warmed {a.warmup:g} s at c32, then {a.duration:g} s per point",
-             f"ceiling: {replicas} processes (router.max_replicas) x batches of "
+             f"ceiling: {replicas} processes (the Router's max_replicas) x batches of "
              f"{spec.batching.max_batch_size}, loaded as a replica loads the variant; one = one "
              "sentence at a time in one such process"]
     data: dict = {"args": vars(a)}

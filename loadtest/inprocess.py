@@ -7,7 +7,7 @@ ONNX variants (the project's own exported files in the config's variant cache) a
 Ray sets in a replica with ``num_cpus: 1`` (one OpenMP / BLAS thread).
 
 ``ceiling`` is the in-process ceiling in the service's own layout: as many processes as the
-Router has replicas at full load (``router.max_replicas``), spawned, each with one backend,
+Router has replicas at full load (the Router's ``max_replicas``), spawned, each with one backend,
 each looping tokenization + ``predict`` over batches of the same sentence (``batch``: the
 model's ``max_batch_size``, 32). All processes start each repetition together (a barrier) and
 the figure is their summed throughput. With ``processes=1, batch=1`` it gives the latency of

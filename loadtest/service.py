@@ -1,10 +1,11 @@
 """The service under test: one way to configure, start, watch and stop it for a benchmark.
 
-``bench_config`` is the only config patcher: it reads a Serve config (deploy/local.yaml), picks
-free ports for everything the service listens on (``loadtest.ports``), points the adapter
-registry at a temporary state dir (a benchmark never touches ``.loraserve/state``) and applies a
-scenario's changes (replica counts, settings of the application or of every model), then
-validates the result with ``AppSettings``.
+``bench_config`` is the only config patcher: it reads a Serve config (deploy/local.yaml) and the
+node's env file (deploy/ray.env), picks free ports for everything the service listens on
+(``loadtest.ports``), points the adapter registry at a temporary state dir (a benchmark never
+touches ``.loraserve/state``) and applies a scenario's changes (Ray's ``deployments:`` options,
+process-level variables, settings of the application or of every model), then validates the
+result with ``AppSettings``. It returns a ``Launch``: what ``loraserve up`` is given.
 
 ``Server`` runs a server as a subprocess in its own process tree: ``loraserve up`` on such a
 config (``Server.loraserve``) or any other command (the FastAPI recipe). It refuses to start
@@ -29,6 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -52,12 +54,40 @@ def merge(into: dict, patch: dict | None) -> dict:
     return into
 
 
+@dataclass
+class Launch:
+    """A Serve config, the node's process-level variables and the metrics export port."""
+
+    config: dict
+    ray_env: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = 8080
+
+    @property
+    def args(self) -> dict:
+        return self.config["applications"][0]["args"]
+
+
+def set_deployment(cfg: dict, name: str, options: dict) -> None:
+    """Merge ``options`` into Ray's ``deployments:`` entry ``name`` (created when missing)."""
+    entries = cfg["applications"][0].setdefault("deployments", [])
+    for entry in entries:
+        if entry.get("name") == name:
+            merge(entry, options)
+            return
+    entries.append({"name": name, **copy.deepcopy(options)})
+
+
 def bench_config(path: str | Path, state_dir: str | Path, *, replicas: int | None = None,
                  app: dict | None = None, model: dict | None = None,
-                 model_id: str | None = None) -> dict:
-    """``path``'s Serve config with free ports, ``state_dir`` for the registry, and changes:
-    ``replicas`` pins the Router (min = initial = max), ``app`` merges into the application's
-    ``args``, ``model`` into every model entry (only ``model_id``'s when given)."""
+                 model_id: str | None = None, deployments: dict[str, dict] | None = None,
+                 ray_env: dict[str, str | None] | None = None,
+                 env_file: str | Path = REPO / "deploy" / "ray.env") -> Launch:
+    """``path``'s Serve config and ``env_file``'s variables with free ports, ``state_dir`` for the
+    registry, and changes: ``replicas`` pins the Router (min = initial = max), ``deployments``
+    merge into Ray's per-deployment options, ``ray_env`` into the variables (None removes one),
+    ``app`` merges into the application's ``args``, ``model`` into every model entry (only
+    ``model_id``'s when given)."""
+    from serve.node import NodeEnv, load_env_file
     from serve.settings import AppSettings, app_args, load_config
 
     cfg = load_config(path)
@@ -66,20 +96,33 @@ def bench_config(path: str | Path, state_dir: str | Path, *, replicas: int | Non
     for m in args.get("models", []):
         if model_id in (None, m.get("id")):
             merge(m, model)
+    for name, options in (deployments or {}).items():
+        set_deployment(cfg, name, options)
     if replicas:
-        merge(args, {"router": {"min_replicas": replicas, "initial_replicas": replicas,
-                                "max_replicas": replicas}})
+        set_deployment(cfg, "Router", {"autoscaling_config": {
+            "min_replicas": replicas, "initial_replicas": replicas, "max_replicas": replicas}})
     http, export, stats, prom, fallback = ports.pick_ports(5)
     direct = ports.pick_block(100)
     grpc = ports.pick_block(100, avoid=[direct])
     cfg["http_options"] = {**cfg.get("http_options", {}), "host": "127.0.0.1", "port": http}
-    merge(args, {"metrics": {"export_port": export},
-                 "ingress": {"haproxy_stats_port": stats, "haproxy_metrics_port": prom,
-                             "fallback_port": fallback, "direct_port_range": list(direct),
-                             "direct_grpc_port_range": list(grpc)},
-                 "adapters": {"state_dir": str(state_dir)}})
-    AppSettings.model_validate(app_args(cfg))  # fail here, not in a replica
-    return cfg
+    merge(args, {"adapters": {"state_dir": str(state_dir)}})
+    env = load_env_file(env_file)
+    env.update({
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(prom),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct[0]),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct[1]),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc[0]),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc[1]),
+    })
+    for key, value in (ray_env or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    NodeEnv.from_env(env)  # fail here, not in Ray
+    AppSettings.model_validate(app_args(cfg))  # nor in a replica
+    return Launch(cfg, env, export)
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -187,25 +230,27 @@ class Server:
         self.env = {**os.environ, **OFFLINE, **(env or {})}
         self.replica_mark = f"ray::ServeReplica:{app_name}:Router"
         self.proc: subprocess.Popen | None = None
-        self.config: dict | None = None  # the Serve config, for ``loraserve`` servers
+        self.launch: Launch | None = None  # config, env and metrics port of ``loraserve`` servers
         self.leftovers: list[str] = []  # processes of the tree that outlived the stop (killed)
 
     @classmethod
-    def loraserve(cls, name: str, cfg: dict, workdir: Path, env: dict | None = None) -> Server:
-        """``loraserve up`` on ``cfg`` (written to ``workdir/<name>.yaml``)."""
-        path = workdir / f"{name}.yaml"
+    def loraserve(cls, name: str, launch: Launch, workdir: Path, env: dict | None = None) -> Server:
+        """``loraserve up`` on ``launch`` (written to ``workdir/<name>.yaml`` and ``.env``)."""
+        cfg = launch.config
+        path, env_path = workdir / f"{name}.yaml", workdir / f"{name}.env"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        server = cls(name, [sys.executable, "-m", "serve.cli", "up", "--config", str(path)],
+        env_path.write_text("".join(f"{k}={v}\n" for k, v in launch.ray_env.items()))
+        server = cls(name, [sys.executable, "-m", "serve.cli", "up", "--config", str(path),
+                            "--ray-env", str(env_path), "--metrics-export-port", str(launch.metrics_port)],
                      int(cfg["http_options"]["port"]), workdir / f"{name}.log", env,
                      cfg["applications"][0].get("name", "default"))
-        server.config = cfg
+        server.launch = launch
         return server
 
     @property
     def metrics_url(self) -> str:
         """Ray's Prometheus endpoint of a ``loraserve`` server."""
-        port = self.config["applications"][0]["args"]["metrics"]["export_port"]
-        return f"http://127.0.0.1:{port}/metrics"
+        return f"http://127.0.0.1:{self.launch.metrics_port}/metrics"
 
     @property
     def base_url(self) -> str:

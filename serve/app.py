@@ -2,7 +2,9 @@
 
 ``args`` of the config are the ``AppSettings``. Co-located models load inside the Router's
 replicas; each (base, variant) with placement ``separate`` becomes a ModelServer deployment whose
-handle the Router receives. Every deployment gets an ``autoscaling_config``.
+handle the Router receives. Replicas, autoscaling, resources and ``max_ongoing_requests`` are
+Ray's own: the config's ``deployments:`` entries (``Router``, ``ModelServer-<id>-<variant>``)
+override the code's defaults (one replica, one CPU, 256 requests at once).
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ def build_app(args: dict) -> Application:
             continue
         for variant in spec.variants:
             handles[f"{spec.id}@{variant}"] = ModelServerDeployment.options(
-                name=deployment_name(spec.id, variant), **spec.deployment.deployment_options()
+                name=deployment_name(spec.id, variant)
             ).bind(
                 spec.model_dump(mode="json"), variant, settings.adapters.model_dump(mode="json"),
                 settings.variants.model_dump(mode="json"),
             )
-    return Router.options(**settings.router.deployment_options()).bind(
+    return Router.bind(
         settings.model_dump(mode="json"), handles
     )

@@ -1,6 +1,7 @@
 """Command line.
 
-- ``loraserve up [--config deploy/local.yaml]``: start the service from a Serve config file;
+- ``loraserve up [--config deploy/local.yaml] [--ray-env deploy/ray.env] [--metrics-export-port 8080]``:
+  start a local Ray with the env file's process-level switches and serve a Serve config file;
   Ctrl-C (or SIGTERM) shuts Serve and Ray down, and no Ray process is left behind.
 - ``loraserve export [--config deploy/local.yaml] [--force]``: build (or find in the cache) the
   ONNX variants the config serves, with progress and each variant's parity result; ``--force``
@@ -34,7 +35,8 @@ def _config_problem(exc: Exception) -> str:
 def _up(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
-        service = launcher.LocalService(config)  # validates the settings
+        node = launcher.NodeEnv.from_file(args.ray_env)
+        service = launcher.LocalService(config, node, args.metrics_export_port)  # validates
     except launcher.StartupError as exc:
         print(f"loraserve: cannot start {args.config}: {exc}", file=sys.stderr)
         return 2
@@ -61,7 +63,7 @@ def _up(args: argparse.Namespace) -> int:
         print(
             f"\n  API      http://{host}:{port}/v1   (try: curl http://{host}:{port}/v1/models)\n"
             f"  health   http://{host}:{port}/health\n"
-            f"  metrics  http://127.0.0.1:{service.settings.metrics.export_port}/metrics\n"
+            f"  metrics  http://127.0.0.1:{service.metrics_export_port}/metrics\n"
             f"  run files {service.run_dir} (HAProxy config and sockets)\n\n"
             "Ctrl-C stops everything.",
             flush=True,
@@ -74,6 +76,9 @@ def _up(args: argparse.Namespace) -> int:
     except launcher.StartupError as exc:
         print(f"loraserve: cannot start {args.config}: {exc}", file=sys.stderr)
         return 2
+    except launcher.DeployFailed as exc:
+        print(f"loraserve: deploying {args.config} failed: {exc}", file=sys.stderr)
+        return 1
     finally:
         service.stop()
 
@@ -95,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start Ray locally and serve a Serve config file")
     up.add_argument("--config", default=launcher.DEFAULT_CONFIG)
+    up.add_argument("--ray-env", default=launcher.DEFAULT_ENV_FILE,
+                    help="KEY=VALUE file of Ray's process-level switches (default: %(default)s)")
+    up.add_argument("--metrics-export-port", type=int, default=launcher.DEFAULT_METRICS_PORT,
+                    help="Ray's Prometheus export port, as `ray start --metrics-export-port`")
     up.set_defaults(func=_up)
     export = sub.add_parser("export", help="build the ONNX variants of the config's models")
     export.add_argument("--config", default=launcher.DEFAULT_CONFIG)

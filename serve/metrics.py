@@ -19,7 +19,9 @@ from __future__ import annotations
 import collections
 import time
 
-LATENCY_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+# Prometheus' base unit for time is the second (promtool's lint refuses `_ms`); callers pass
+# milliseconds, the histograms observe seconds.
+LATENCY_S = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30]
 BATCH_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 UNKNOWN_MODEL = "unknown"
 NO_ADAPTER = "none"
@@ -97,9 +99,9 @@ class ServiceMetrics:
             tag_keys=("route", "code"),
         )
         self.latency = Histogram(
-            "loraserve_request_latency_ms",
-            description="End-to-end latency inside the ingress replica, in milliseconds.",
-            boundaries=LATENCY_MS,
+            "loraserve_request_latency_seconds",
+            description="End-to-end latency inside the ingress replica, in seconds.",
+            boundaries=LATENCY_S,
             tag_keys=("route", "model", "adapter"),
         )
 
@@ -112,7 +114,7 @@ class ServiceMetrics:
     ):
         label = self.adapter_label(adapter)
         self.requests.inc(tags={"route": route, "model": model, "adapter": label, "status": str(status)})
-        self.latency.observe(latency_ms, tags={"route": route, "model": model, "adapter": label})
+        self.latency.observe(latency_ms / 1000, tags={"route": route, "model": model, "adapter": label})
         if code is not None:
             self.errors.inc(tags={"route": route, "code": code})
 
@@ -127,15 +129,15 @@ class ModelMetrics:
         self.tags = {"model": model, "variant": variant}
         keys = ("model", "variant")
         self.queue = Histogram(
-            "loraserve_queue_latency_ms",
-            description="Time a request's rows waited before their batch started, in ms.",
-            boundaries=LATENCY_MS,
+            "loraserve_queue_latency_seconds",
+            description="Time a request's rows waited before their batch started, in seconds.",
+            boundaries=LATENCY_S,
             tag_keys=keys,
         )
         self.inference = Histogram(
-            "loraserve_inference_latency_ms",
-            description="Forward-pass time of each batch, in milliseconds.",
-            boundaries=LATENCY_MS,
+            "loraserve_inference_latency_seconds",
+            description="Forward-pass time of each batch, in seconds.",
+            boundaries=LATENCY_S,
             tag_keys=keys,
         )
         self.batch_size = Histogram(
@@ -156,9 +158,9 @@ class ModelMetrics:
             tag_keys=keys + ("result",),
         )
         self.adapter_load_latency = Histogram(
-            "loraserve_adapter_load_latency_ms",
-            description="Time to make an adapter resident (validation + add), in ms.",
-            boundaries=LATENCY_MS,
+            "loraserve_adapter_load_latency_seconds",
+            description="Time to make an adapter resident (validation + add), in seconds.",
+            boundaries=LATENCY_S,
             tag_keys=keys,
         )
         self.adapter_evictions = Counter(
@@ -194,7 +196,7 @@ class ModelMetrics:
     def adapter_load(self, result: str, latency_ms: float) -> None:
         self.adapter_loads.inc(tags={**self.tags, "result": result})
         if result == "ok":
-            self.adapter_load_latency.observe(latency_ms, tags=self.tags)
+            self.adapter_load_latency.observe(latency_ms / 1000, tags=self.tags)
 
     def adapter_evicted(self) -> None:
         self.adapter_evictions.inc(tags=self.tags)
@@ -204,8 +206,8 @@ class ModelMetrics:
 
     def batch_done(self, rows: int, tokens: int, inference_ms: float) -> None:
         self.batch_size.observe(rows, tags=self.tags)
-        self.inference.observe(inference_ms, tags=self.tags)
+        self.inference.observe(inference_ms / 1000, tags=self.tags)
         self.tokens.inc(tokens, tags=self.tags)
 
     def queued(self, wait_ms: float) -> None:
-        self.queue.observe(wait_ms, tags=self.tags)
+        self.queue.observe(wait_ms / 1000, tags=self.tags)

@@ -19,61 +19,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DeploymentSettings(_Strict):
-    """Ray Serve knobs of one deployment; every deployment autoscales within these bounds."""
-
-    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
-    initial_replicas: int | None = Field(
-        None, ge=0, description="Replicas at start (default: min_replicas, at least 1)."
-    )
-    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
-    target_ongoing_requests: float = Field(
-        32.0, gt=0, description="Autoscaler target of in-flight requests per replica."
-    )
-    max_ongoing_requests: int = Field(
-        256, ge=1, description="Requests a replica accepts at once; more wait at the caller."
-    )
-    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica.")
-    upscale_delay_s: float = Field(
-        5.0, ge=0, description="How long load must stay above target before replicas are added."
-    )
-    downscale_delay_s: float = Field(
-        60.0, ge=0, description="How long load must stay below target before replicas are removed."
-    )
-
-    @model_validator(mode="after")
-    def _bounds(self) -> DeploymentSettings:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}"
-            )
-        if self.initial_replicas is not None and not (
-            self.min_replicas <= self.initial_replicas <= self.max_replicas
-        ):
-            raise ValueError(
-                f"initial_replicas {self.initial_replicas} is outside "
-                f"{self.min_replicas}..{self.max_replicas}"
-            )
-        return self
-
-    def autoscaling_config(self) -> dict[str, Any]:
-        return {
-            "min_replicas": self.min_replicas,
-            "initial_replicas": self.initial_replicas or max(self.min_replicas, 1),
-            "max_replicas": self.max_replicas,
-            "target_ongoing_requests": self.target_ongoing_requests,
-            "upscale_delay_s": self.upscale_delay_s,
-            "downscale_delay_s": self.downscale_delay_s,
-        }
-
-    def deployment_options(self) -> dict[str, Any]:
-        return {
-            "autoscaling_config": self.autoscaling_config(),
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus},
-        }
-
-
 class ServedModel(ModelSpec):
     """A catalog entry: the model itself plus where and how it is served."""
 
@@ -83,10 +28,17 @@ class ServedModel(ModelSpec):
         "`separate`: a ModelServer deployment of its own, reached through a DeploymentHandle "
         "(for models that need their own resources).",
     )
-    deployment: DeploymentSettings = Field(
-        default_factory=DeploymentSettings,
-        description="Replica settings when placement is `separate`.",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "deployment" in data:
+            raise ValueError(
+                "models[].deployment is not an application setting: a `separate` model's replicas, "
+                "autoscaling and resources are Ray's own `deployments:` entry of the application, "
+                "named ModelServer-<id>-<variant> (docs/configuration.md)"
+            )
+        return data
 
 
 class LimitSettings(_Strict):
@@ -187,68 +139,29 @@ class VariantSettings(_Strict):
         return resolve_home_path(self.cache_dir)
 
 
-class MetricsSettings(_Strict):
-    """Where Prometheus scrapes the service."""
-
-    export_port: int = Field(
-        8080, ge=1, le=65535, description="Ray's Prometheus metrics export port (`make up`)."
-    )
-
-
-class IngressSettings(_Strict):
-    """How HTTP reaches the Router replicas (applied by ``loraserve up`` before Ray starts;
-    with plain ``serve run``, set the equivalent RAY_SERVE_* variables yourself)."""
-
-    mode: Literal["haproxy", "proxy"] = Field(
-        "haproxy",
-        description="`haproxy`: Ray's bundled HAProxy owns the public port and forwards to the "
-        "replicas' direct-ingress ports (one hop, fastest). `proxy`: Ray's Python HTTP proxy.",
-    )
-    throughput_optimized: bool = Field(
-        True, description="Ray Serve's throughput-optimized mode: direct ingress, gRPC handles, user "
-        "code and router on the replica's main loop, no per-request stderr logging (the switches "
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns on, set one by one).",
-    )
-    haproxy_stats_port: int = Field(8404, ge=1, le=65535, description="HAProxy stats page.")
-    haproxy_metrics_port: int = Field(
-        9101, ge=1, le=65535, description="HAProxy's Prometheus endpoint."
-    )
-    server_timeout_s: int = Field(
-        60, ge=1, description="HAProxy's timeout waiting on a replica's answer."
-    )
-    drain_s: float = Field(
-        2.0,
-        ge=0,
-        description="How long a stopping replica keeps its direct-ingress port draining "
-        "(Ray's default is 30 s; locally a quick Ctrl-C matters more).",
-    )
-    direct_port_range: tuple[int, int] = Field(
-        (30000, 30999), description="Ports the replicas' direct-ingress servers may take."
-    )
-    direct_grpc_port_range: tuple[int, int] = Field(
-        (31000, 31999), description="Ports the replicas' gRPC servers (handle calls) may take. "
-        "Keep it below the kernel's ephemeral range (Linux: 32768+): Ray's other processes bind "
-        "random ports there, and one that lands in this range makes the next start refuse.",
-    )
-    fallback_port: int = Field(
-        8500, ge=1, le=65535,
-        description="Ray's Python proxy, which HAProxy uses as a backup while no replica is up.",
-    )
-
-
 class AppSettings(_Strict):
     """Everything under ``args:`` of the application in deploy/*.yaml."""
 
     models: tuple[ServedModel, ...] = Field(min_length=1)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
-    ingress: IngressSettings = Field(default_factory=IngressSettings)
-    router: DeploymentSettings = Field(
-        default_factory=DeploymentSettings, description="The ingress (Router) deployment."
-    )
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
     variants: VariantSettings = Field(default_factory=VariantSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        where = {
+            "router": "Ray's own `deployments:` entry named Router (replicas, autoscaling_config, "
+                      "max_ongoing_requests, ray_actor_options)",
+            "ingress": "the environment Ray's processes start with (deploy/ray.env; "
+                       "`serve deploy` cannot change it)",
+            "metrics": "the metrics export port of the node (`ray start --metrics-export-port`, "
+                       "`loraserve up --metrics-export-port`)",
+        }
+        for key in where.keys() & set(data if isinstance(data, dict) else ()):
+            raise ValueError(f"args.{key} is not an application setting: it belongs to {where[key]}")
+        return data
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppSettings:
@@ -291,6 +204,24 @@ def load_config(path: str | Path) -> dict:
 def app_args(config: dict, index: int = 0) -> dict:
     """The ``args`` of one application of a Serve config: what ``AppSettings`` validates."""
     return config["applications"][index].get("args", {})
+
+
+def deployment_options(config: dict, name: str, index: int = 0) -> dict:
+    """Ray's own ``deployments:`` entry named ``name`` of application ``index`` ({} if none)."""
+    for entry in config["applications"][index].get("deployments") or []:
+        if entry.get("name") == name:
+            return entry
+    return {}
+
+
+def replica_bounds(config: dict, name: str = "Router", index: int = 0) -> tuple[int, int]:
+    """(min, max) replicas of a deployment as its config entry sets them (default 1, 1)."""
+    entry = deployment_options(config, name, index)
+    auto = entry.get("autoscaling_config") or {}
+    if auto:
+        return int(auto.get("min_replicas", 1)), int(auto.get("max_replicas", 1))
+    n = entry.get("num_replicas", 1)
+    return (1, 1) if n in (None, "auto") else (int(n), int(n))
 
 
 def load_settings(path: str | Path, index: int = 0) -> AppSettings:

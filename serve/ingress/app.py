@@ -40,7 +40,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return error_response(InvalidRequest(f"invalid request: {exc.errors()[0].get('msg', 'invalid')}"))
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
 @serve.ingress(app)
 class Router:
     async def __init__(self, settings: dict, handles: dict | None = None):

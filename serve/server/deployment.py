@@ -16,7 +16,7 @@ from serve.server.wiring import report_multiplexed_ids, start_registry
 from serve.settings import AdapterSettings, ServedModel, VariantSettings
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
 class ModelServerDeployment:
     async def __init__(
         self, spec: dict, variant: str, adapters: dict | None = None, variants: dict | None = None

@@ -47,6 +47,16 @@ async def _within(coro, timeout_s: float):
         return await coro
 
 
+def report_period_s() -> float:
+    """Half of Ray's metrics report interval (10 s by default), at least 0.5 s."""
+    try:
+        import ray
+
+        return max(0.5, ray._config.metrics_report_interval_ms() / 2000)
+    except Exception:  # outside Ray
+        return 5.0
+
+
 class ModelServer:
     def __init__(
         self,
@@ -77,6 +87,7 @@ class ModelServer:
             observer=self._observer, on_residency=on_residency,
         )
         self._watcher: asyncio.Task | None = None
+        self._reporter: asyncio.Task | None = None
 
     @property
     def backend(self) -> Backend | None:
@@ -88,11 +99,13 @@ class ModelServer:
         if backend is not None:
             self.batcher.set_runner(backend.predict)
         self.report()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (offline use): no watching, no re-reporting
+            return self
+        self._reporter = loop.create_task(self._report_every(report_period_s()))
         if self.lifecycle.gated and self.spec.onnx.reload_poll_s > 0:
-            try:
-                self._watcher = asyncio.get_running_loop().create_task(self.lifecycle.watch())
-            except RuntimeError:  # no event loop (offline use): no watching
-                pass
+            self._watcher = loop.create_task(self.lifecycle.watch())
         return self
 
     def _swap(self, backend: Backend) -> None:
@@ -103,9 +116,16 @@ class ModelServer:
         raise VariantUnavailable(self.lifecycle.info.get("reason", "variant not loaded"), param="model")
 
     def report(self) -> None:
-        """Re-record the variant's state (Serve's periodic health check calls this: a gauge set
-        once at start can be lost before Ray's metrics agent is connected)."""
+        """Re-record the gauges: the variant's state and the adapters resident. Ray exports a
+        gauge only while it is refreshed (its metrics agent drops a value not set again within
+        two report intervals), so ``load`` re-records them every ``report_period_s()``."""
         self._observer.variant_serving(self.backend is not None)
+        self._observer.adapters_resident(len(self.adapters.resident()))
+
+    async def _report_every(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            self.report()
 
     async def variant_info(self) -> dict:
         return dict(self.lifecycle.info)
@@ -205,8 +225,9 @@ class ModelServer:
         return (self.backend is not None or self.lifecycle.failed) and self.batcher.alive()
 
     def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._reporter):
+            if task is not None:
+                task.cancel()
         self.batcher.close()
         self.lifecycle.close()
 

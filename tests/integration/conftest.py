@@ -12,9 +12,11 @@ store root holds test adapters on the tiny bases; admin routes need ``ADMIN_KEY`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -25,7 +27,8 @@ from tests.waiting import wait_until
 
 MAX_BODY = 64 * 1024
 MAX_INPUTS = 16
-REPO_ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
+REPO = Path(__file__).resolve().parents[2]
+REPO_ADAPTERS = REPO / "adapters"
 ADMIN_ENV = "LORASERVE_TEST_ADMIN_KEYS"
 ADMIN_KEY = "admin-test-key"
 TINY_CAPACITY = 3  # adapters per replica for the tiny embedder: evictions happen in tests
@@ -66,10 +69,55 @@ def free_port(low: int = 26000, high: int = 32000) -> int:
         return port
 
 
-def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> dict:
-    """``band`` keeps replicas' direct-ingress ports of services that run at the same time apart
-    (0: the session's service; 1: the ones tests start beside it)."""
+@dataclass
+class Setup:
+    """What a test service starts with: the Serve config, the node's variables, the metrics port."""
+
+    config: dict
+    ray_env: dict
+    metrics_port: int
+
+    @property
+    def args(self) -> dict:
+        return self.config["applications"][0]["args"]
+
+    @property
+    def port(self) -> int:
+        return self.config["http_options"]["port"]
+
+    def keep_models(self, *ids: str) -> None:
+        """Serve only these models (and drop Ray's entries for the others' deployments)."""
+        app = self.config["applications"][0]
+        app["args"]["models"] = [m for m in app["args"]["models"] if m["id"] in ids]
+        app["deployments"] = [d for d in app["deployments"]
+                              if not d["name"].startswith("ModelServer-") or d["name"].split("-")[1] in ids]
+
+
+def node_env(band: int = 0) -> dict[str, str]:
+    """deploy/ray.env with free ports; ``band`` keeps replicas' direct-ingress ports of services
+    that run at the same time apart (0: the session's service; 1: the ones tests start beside it)."""
+    from serve.node import load_env_file
+
     base = random.randrange(20000, 23000, 200) if band == 0 else random.randrange(23000, 26000, 200)
+    return {**load_env_file(REPO / "deploy" / "ray.env"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + 99),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(base + 100),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(base + 199),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+            # the session exports metrics every second (RAY_metrics_report_interval_ms), and Ray
+            # drops a gauge not refreshed within two intervals: its controller must refresh
+            # replica health more often than its default 10 s
+            "RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S": "0.5"}
+
+
+def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> Setup:
+    return Setup(_serve_config(tiny_models, store, state_dir), node_env(band), free_port())
+
+
+def _serve_config(tiny_models, store: Path, state_dir: Path) -> dict:
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": free_port()},
@@ -78,15 +126,13 @@ def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> 
                 "name": "loraserve",
                 "route_prefix": "/",
                 "import_path": "serve.app:build_app",
+                "deployments": [
+                    {"name": "Router", "num_replicas": 1},
+                    *({"name": f"ModelServer-topics-{v}", "ray_actor_options": {"num_cpus": 0},
+                       "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32}}
+                      for v in ("torch", "onnx")),
+                ],
                 "args": {
-                    "metrics": {"export_port": free_port()},
-                    "ingress": {
-                        "haproxy_stats_port": free_port(),
-                        "haproxy_metrics_port": free_port(),
-                        "direct_port_range": [base, base + 99],
-                        "direct_grpc_port_range": [base + 100, base + 199],
-                        "fallback_port": free_port(),
-                    },
                     "limits": {"max_body_bytes": MAX_BODY, "max_inputs": MAX_INPUTS},
                     "auth": {"admin_keys_env": ADMIN_ENV},
                     "adapters": {
@@ -99,7 +145,6 @@ def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> 
                         "sync_timeout_s": 10,
                     },
                     "variants": {"cache_dir": str(state_dir / "variants")},
-                    "router": {"min_replicas": 1, "max_replicas": 1},
                     "models": [
                         {
                             "id": "minilm",
@@ -124,7 +169,6 @@ def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> 
                             "placement": "separate",
                             "torch_threads": 1,
                             "variants": ["torch", "onnx"],
-                            "deployment": {"min_replicas": 1, "max_replicas": 2, "num_cpus": 0},
                             "adapters": {"max_rank": 8},
                         },
                     ],
@@ -136,13 +180,13 @@ def service_config(tiny_models, store: Path, state_dir: Path, band: int = 0) -> 
 
 @pytest.fixture(scope="session")
 def service(tiny_models, adapter_store, tmp_path_factory):
-    from serve.launcher import LocalService
+    from serve.launcher import LocalService, NodeEnv
 
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # faster metric tests
     os.environ[ADMIN_ENV] = ADMIN_KEY
-    config = service_config(tiny_models, adapter_store, tmp_path_factory.mktemp("state"))
-    svc = LocalService(config, num_cpus=4).start()
-    svc.base_url = f"http://127.0.0.1:{config['http_options']['port']}"
+    setup = service_config(tiny_models, adapter_store, tmp_path_factory.mktemp("state"))
+    svc = LocalService(setup.config, NodeEnv.from_env(setup.ray_env), setup.metrics_port, num_cpus=4).start()
+    svc.base_url = f"http://127.0.0.1:{setup.port}"
     svc.labels = TOPIC_LABELS
     yield svc
     svc.stop()
@@ -162,7 +206,22 @@ def admin(service):
         yield c
 
 
-def start_up(config: dict, folder: Path, env: dict | None = None):
+@contextlib.contextmanager
+def tiny_adapters(admin, prefix: str, count: int = 4):
+    """``count`` classify adapters on the tiny base (more than its LRU holds), unloaded after."""
+    names = [f"{prefix}-{i}" for i in range(count)]
+    for i, name in enumerate(names):
+        r = admin.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": f"cls-{i + 1}",
+                                                      "base_model_name": "tiny"})
+        assert r.status_code == 200, r.text
+    try:
+        yield names
+    finally:
+        for name in names:
+            admin.post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+
+def start_up(setup: Setup, folder: Path, env: dict | None = None):
     """`loraserve up` on ``config`` in a subprocess (its own Ray, its own process group), once
     its /health answers. Returns (process, log file, base URL)."""
     import subprocess
@@ -172,10 +231,13 @@ def start_up(config: dict, folder: Path, env: dict | None = None):
     import yaml
 
     path = folder / f"up-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    base_url = f"http://127.0.0.1:{config['http_options']['port']}"
+    path.write_text(yaml.safe_dump(setup.config))
+    path.with_suffix(".env").write_text("".join(f"{k}={v}\n" for k, v in setup.ray_env.items()))
+    base_url = f"http://127.0.0.1:{setup.port}"
     log = open(path.with_suffix(".log"), "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--config", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--config", str(path),
+                             "--ray-env", str(path.with_suffix(".env")),
+                             "--metrics-export-port", str(setup.metrics_port)],
                             stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
                             start_new_session=True)

@@ -34,13 +34,13 @@ class Up:
     """`loraserve up` with inference and admin keys; ``stop()`` is Ctrl-C."""
 
     def __init__(self, tiny_models, places):
-        config = service_config(tiny_models, places / "store", places / "state", band=1)
-        args = config["applications"][0]["args"]
-        args["models"] = [m for m in args["models"] if m["id"] == "tiny"]
+        setup = service_config(tiny_models, places / "store", places / "state", band=1)
+        args = setup.args
+        setup.keep_models("tiny")
         args["adapters"]["preload"] = []
         args["auth"] = {"api_keys_env": "LIFECYCLE_INFER_KEYS", "admin_keys_env": "LIFECYCLE_ADMIN_KEYS"}
         env = {"LIFECYCLE_INFER_KEYS": INFER_KEY, "LIFECYCLE_ADMIN_KEYS": ADMIN_KEY}
-        self.proc, self.log, self.base_url = start_up(config, places, env)
+        self.proc, self.log, self.base_url = start_up(setup, places, env)
 
     def stop(self):
         self.proc.send_signal(signal.SIGINT)

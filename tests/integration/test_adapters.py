@@ -198,23 +198,38 @@ def test_hundred_load_unload_cycles_under_traffic(service, admin, registered, ti
     assert outcomes["ok"] >= 20, outcomes
 
 
-def test_locust_harness_runs_clean_against_the_service(service, tmp_path):
-    """The Locust users (Zipf over the registered classify adapters) against the real service:
-    a short headless run, every request answered and checked."""
-    import csv
+def _locust(service, tmp_path, env: dict, seconds: int = 6):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     locustfile = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
-    env = {**os.environ, "LORASERVE_BASE_MODEL": "tiny", "LORASERVE_ADAPTERS": "sentiment,topic"}
     cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--host", service.base_url,
-           "--headless", "-u", "4", "-r", "4", "-t", "6s", "--csv", str(tmp_path / "run"),
+           "--headless", "-u", "5", "-r", "5", "-t", f"{seconds}s", "--csv", str(tmp_path / "run"),
            "--only-summary"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+
+
+def test_locust_user_classes_run_clean_and_the_slo_verdict_decides_the_exit(service, tmp_path):
+    """Every user class (embeddings, Zipf adapters, the cold tail, variants, admin churn) against
+    the real service: answers checked, per-adapter rows, the SLO verdict printed; an SLO that
+    cannot be met makes the run exit 1."""
+    import csv
+
+    from tests.integration.conftest import ADMIN_KEY
+
+    env = {"LORASERVE_BASE_MODEL": "tiny", "LORASERVE_ADAPTERS": "sentiment,topic",
+           "LORASERVE_USERS": "embed:1,classify:1,cold:1,variant:1,admin:1", "LORASERVE_ADMIN_KEY": ADMIN_KEY,
+           "LORASERVE_CHURN_PATH": "cls-0", "LORASERVE_ADAPTER_ROWS": "1"}
+    done = _locust(service, tmp_path, env)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
     rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "run_stats.csv"))}
-    assert int(rows["Aggregated"]["Failure Count"]) == 0
-    assert int(rows["classify (zipf adapters)"]["Request Count"]) > 0
-    assert int(rows["embeddings"]["Request Count"]) > 0
+    assert int(rows["Aggregated"]["Failure Count"]) == 0, open(tmp_path / "run_failures.csv").read()
+    for name in ("embeddings", "classify:sentiment", "classify:other", "classify:cold tail",
+                 "embeddings@onnx", "admin load", "classify:churned", "admin unload"):
+        assert name in rows and int(rows[name]["Request Count"]) > 0, (name, sorted(rows))
+    assert "SLO met" in done.stdout + done.stderr and "PASS p95 embeddings" in done.stdout + done.stderr
+    missed = _locust(service, tmp_path, {**env, "LORASERVE_USERS": "embed:1", "LORASERVE_SLO_P95_MS": "0.001"}, 3)
+    assert missed.returncode == 1 and "SLO MISSED" in missed.stdout + missed.stderr
+    assert "FAIL p95 embeddings" in missed.stdout + missed.stderr

@@ -36,12 +36,12 @@ def _session_of_children(pid: int) -> str | None:
 
 
 def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
-    config = service_config(tiny_models, tmp_path / "store", tmp_path / "state", band=1)
-    args = config["applications"][0]["args"]
-    args["models"] = [m for m in args["models"] if m["id"] == "tiny"]
+    setup = service_config(tiny_models, tmp_path / "store", tmp_path / "state", band=1)
+    args = setup.args
+    setup.keep_models("tiny")
     args["adapters"]["preload"] = []  # the demo adapters are on minilm
-    port = config["http_options"]["port"]
-    proc, log, _ = start_up(config, tmp_path)
+    port = setup.port
+    proc, log, _ = start_up(setup, tmp_path)
     try:
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "tiny", "input": "up"})
         assert r.status_code == 200
@@ -53,7 +53,7 @@ def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
 
         printed = wait_until(printed_urls, "the URLs to be printed")
         assert f"http://127.0.0.1:{port}/v1" in printed
-        assert f"http://127.0.0.1:{args['metrics']['export_port']}/metrics" in printed
+        assert f"http://127.0.0.1:{setup.metrics_port}/metrics" in printed
         # this run's HAProxy (its config lies in the run folder the CLI printed; other services
         # may run beside this test) and Ray session (its children's folder)
         run_dirs = set(re.findall(r"run files (\S+)", printed))

@@ -5,11 +5,12 @@ import re
 
 import httpx
 
+from tests.integration.conftest import tiny_adapters
 from tests.waiting import wait_until
 
 
 def scrape(service) -> str:
-    port = service.settings.metrics.export_port
+    port = service.metrics_export_port
     return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
 
 
@@ -54,20 +55,15 @@ def test_request_batch_token_and_error_metrics(service, client):
     assert big >= 1 and 1 <= batches < ok, (big, batches, ok)
     assert series(text, "ray_loraserve_requests_total", model="unknown", status="404") >= 1
     assert series(text, "ray_loraserve_input_tokens_total", model="tiny", variant="torch") > 24 * 3
-    for name in ("ray_loraserve_queue_latency_ms_count", "ray_loraserve_inference_latency_ms_count",
-                 "ray_loraserve_request_latency_ms_count"):
+    for name in ("ray_loraserve_queue_latency_seconds_count", "ray_loraserve_inference_latency_seconds_count",
+                 "ray_loraserve_request_latency_seconds_count"):
         assert series(text, name) > 0, name
     assert re.search(r'ray_loraserve_batch_size_rows_bucket\{[^}]*le="32\.0"', text)
 
 
 def test_adapter_metrics(service, client, admin):
     """Loads by result, load latency, evictions, residency and the bounded adapter label."""
-    names = [f"metric-{i}" for i in range(4)]  # more than the tiny base's LRU holds
-    for i, name in enumerate(names):
-        r = admin.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": f"cls-{i + 1}",
-                                                      "base_model_name": "tiny"})
-        assert r.status_code == 200, r.text
-    try:
+    with tiny_adapters(admin, "metric") as names:  # more than the tiny base's LRU holds
         for _ in range(2):
             for name in names:
                 assert client.post("/v1/classify", json={"model": name, "input": "probe"}).status_code == 200
@@ -79,13 +75,10 @@ def test_adapter_metrics(service, client, admin):
             return text if loads >= 8 and evictions >= 1 and labelled >= 2 else None
 
         text = wait_until(exported, "8 adapter loads, an eviction and the adapter label", every_s=1)
-        assert series(text, "ray_loraserve_adapter_load_latency_ms_count", model="tiny") >= 8
+        assert series(text, "ray_loraserve_adapter_load_latency_seconds_count", model="tiny") >= 8
         assert 'ray_loraserve_adapters_resident{' in text
         assert series(text, "ray_loraserve_requests_total", route="embeddings", adapter="none") > 0
         assert series(text, "ray_loraserve_admin_calls_total", action="load", result="ok") >= 4
-    finally:
-        for name in names:
-            admin.post("/v1/unload_lora_adapter", json={"lora_name": name})
 
 
 def test_variant_metrics_show_serving_and_refused_variants(service, client):
@@ -97,7 +90,7 @@ def test_variant_metrics_show_serving_and_refused_variants(service, client):
                    if line.startswith("ray_loraserve_variant_serving{") and 'model="strict"' in line
                    and 'variant="onnx"' in line]
         serving = series(text, "ray_loraserve_variant_serving", model="minilm", variant="onnx-int8")
-        passes = series(text, "ray_loraserve_inference_latency_ms_count", model="minilm", variant="onnx-int8")
+        passes = series(text, "ray_loraserve_inference_latency_seconds_count", model="minilm", variant="onnx-int8")
         return refused if refused and serving >= 1 and passes >= 1 else None
 
     refused = wait_until(exported, "variant gauges of a refused and a serving variant", every_s=1)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -26,21 +28,36 @@ def test_resolution_errors(text, error):
         Catalog([MINILM]).resolve(Target.parse(text))
 
 
-def test_settings_reject_duplicate_names_and_bad_bounds():
+def test_settings_reject_duplicate_names_and_unknown_keys():
     m = MINILM.model_dump()
     with pytest.raises(ValidationError, match="used by"):
         AppSettings.model_validate({"models": [m, {**m, "hub_id": None}]})
-    with pytest.raises(ValidationError, match="exceeds max_replicas"):
-        AppSettings.model_validate({"models": [m], "router": {"min_replicas": 3, "max_replicas": 1}})
     with pytest.raises(ValidationError):
         AppSettings.model_validate({"models": [{**m, "surprise": 1}]})
 
 
-def test_every_deployment_gets_autoscaling():
-    s = AppSettings.model_validate({"models": [MINILM.model_dump()]})
-    opts = s.router.deployment_options()
-    assert opts["autoscaling_config"]["min_replicas"] == 1
-    assert opts["autoscaling_config"]["max_replicas"] >= 1
+@pytest.mark.parametrize("args, where", [
+    ({"router": {"min_replicas": 1}}, "deployments:` entry named Router"),
+    ({"ingress": {"mode": "haproxy"}}, "deploy/ray.env"),
+    ({"metrics": {"export_port": 8080}}, "--metrics-export-port"),
+    ({"models": [{"deployment": {"max_replicas": 2}}]}, "ModelServer-<id>-<variant>"),
+])
+def test_settings_ray_owns_are_refused_where_they_moved(args, where):
+    """Keys `serve deploy` could not honour from `args` are refused, naming where they belong."""
+    body = {"models": [MINILM.model_dump()], **args}
+    if "models" in args:
+        body["models"] = [{**MINILM.model_dump(), **args["models"][0]}]
+    with pytest.raises(ValidationError, match=re.escape(where)):
+        AppSettings.model_validate(body)
+
+
+def test_replica_bounds_read_rays_own_deployment_entries():
+    from serve.settings import load_config, replica_bounds
+
+    local = load_config("deploy/local.yaml")
+    assert replica_bounds(local) == (1, 2)
+    cfg = {"applications": [{"deployments": [{"name": "Router", "num_replicas": 3}]}]}
+    assert replica_bounds(cfg) == (3, 3) and replica_bounds(cfg, "Other") == (1, 1)
 
 
 def test_api_keys_read_from_named_env(monkeypatch):
@@ -49,33 +66,41 @@ def test_api_keys_read_from_named_env(monkeypatch):
     assert s.api_keys() == {"a", "b"}
 
 
-def test_launcher_env_for_each_ingress_mode(tmp_path, monkeypatch):
+def test_env_file_sets_exactly_the_throughput_switches_ray_does(tmp_path, monkeypatch):
     from serve import launcher
+    from serve.node import NodeEnv
 
-    def env_for(**ingress):
-        s = AppSettings.model_validate({"models": [MINILM.model_dump()], "ingress": ingress})
-        return launcher.ray_env(s, tmp_path)
-
-    fast = env_for()
-    assert fast["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    assert {k: fast[k] for k in launcher.THROUGHPUT_OPTIMIZED_ENV} == launcher.THROUGHPUT_OPTIMIZED_ENV
+    node = NodeEnv.from_file("deploy/ray.env")
+    fast = node.for_local_run(tmp_path, home="/srv")
+    assert fast["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and fast["LORASERVE_HOME"] == "/srv"
     assert fast["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"  # its switches are set one by one instead
     # ... and they are exactly the ones Ray's flag turns on, with the values it gives them
     import inspect
-    import re
 
     from ray.serve._private import constants
 
     source = inspect.getsource(constants)
     block = source[source.index("if RAY_SERVE_THROUGHPUT_OPTIMIZED:"):source.index("if RAY_SERVE_ENABLE_HA_PROXY:")]
     ray_defaults = dict(re.findall(r'"(RAY_SERVE_[A-Z_]+)",\s*"?(\w+)"?', block))
-    assert ray_defaults == launcher.THROUGHPUT_OPTIMIZED_ENV
+    assert {k: fast[k] for k in ray_defaults} == ray_defaults
     assert fast["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"].startswith(str(tmp_path))
-    plain = env_for(mode="proxy", throughput_optimized=False)
-    assert plain["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and "RAY_SERVE_USE_GRPC_BY_DEFAULT" not in plain
-    assert plain["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and plain["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
     monkeypatch.setattr(launcher, "haproxy_available", lambda: False)
-    assert env_for()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # falls back where no binary exists
+    assert not launcher.local_node(node).haproxy  # falls back where no binary exists
+
+
+def test_env_file_refuses_variables_ray_would_ignore(tmp_path):
+    from serve.node import NodeEnv, StartupError
+
+    bad = tmp_path / "ray.env"
+    bad.write_text("# a typo\nRAY_SERVE_ENABLE_HAPROXY=1\nexport RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=8501\n")
+    with pytest.raises(StartupError, match="RAY_SERVE_ENABLE_HAPROXY \\(did you mean RAY_SERVE_ENABLE_HA_PROXY\\?\\)"):
+        NodeEnv.from_file(bad)
+    bad.write_text("not a line\n")
+    with pytest.raises(StartupError, match="ray.env:1: expected KEY=VALUE"):
+        NodeEnv.from_file(bad)
+    good = tmp_path / "good.env"
+    good.write_text("export RAY_SERVE_FALLBACK_PROXY_HTTP_PORT='8501'\n")
+    assert NodeEnv.from_file(good).port("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT") == 8501
 
 
 def test_launcher_refuses_a_busy_port_before_starting_anything():
@@ -98,6 +123,7 @@ def test_launcher_refuses_a_busy_direct_ingress_range():
     import socket
 
     from serve.launcher import LocalService
+    from serve.node import NodeEnv, load_env_file
 
     with socket.socket() as busy, socket.socket() as free:
         busy.bind(("127.0.0.1", 0))
@@ -108,8 +134,21 @@ def test_launcher_refuses_a_busy_direct_ingress_range():
         free.close()
         config = {"http_options": {"host": "127.0.0.1", "port": http},
                   "applications": [{"name": "x", "import_path": "serve.app:build_app", "args": {
-                      "metrics": {"export_port": http},
-                      "ingress": {"direct_port_range": [taken - 1, taken + 1]},
                       "models": [{"id": "m", "source": "/nowhere", "task": "embed"}]}}]}
+        node = NodeEnv.from_env({**load_env_file("deploy/ray.env"),
+                                 "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(taken - 1),
+                                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(taken + 1)})
         with pytest.raises(RuntimeError, match=f"127.0.0.1:{taken} \\(direct-ingress range\\)"):
-            LocalService(config).start()
+            LocalService(config, node, metrics_export_port=http).start()
+
+
+def test_ray_token_file_is_made_private(tmp_path, monkeypatch):
+    """Ray 2.60.0 writes its token file 0644; whatever starts Ray makes it 0600."""
+    from serve.launcher import secure_token_file
+
+    token = tmp_path / "auth_token"
+    token.write_text("secret")
+    token.chmod(0o644)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    secure_token_file()
+    assert token.stat().st_mode & 0o777 == 0o600

@@ -117,20 +117,25 @@ def test_merge_is_deep_and_copies():
 
 
 def test_bench_config_patches_ports_state_and_replicas(tmp_path):
-    cfg = bench_config("deploy/local.yaml", tmp_path / "state", replicas=1,
-                       model={"torch_threads": 2, "batching": {"max_wait_ms": 2}}, model_id="minilm",
-                       app={"ingress": {"mode": "proxy"}})
-    args = cfg["applications"][0]["args"]
-    assert args["router"]["min_replicas"] == args["router"]["max_replicas"] == 1
+    launch = bench_config("deploy/local.yaml", tmp_path / "state", replicas=1,
+                          model={"torch_threads": 2, "batching": {"max_wait_ms": 2}}, model_id="minilm",
+                          ray_env={"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_LOG_TO_STDERR": None})
+    cfg, args, env = launch.config, launch.args, launch.ray_env
+    router = cfg["applications"][0]["deployments"][0]
+    assert router["name"] == "Router"
+    assert router["autoscaling_config"]["min_replicas"] == router["autoscaling_config"]["max_replicas"] == 1
+    assert router["max_ongoing_requests"] == 256  # the rest of Ray's entry is kept
     assert args["adapters"]["state_dir"] == str(tmp_path / "state")
     assert args["adapters"]["preload"]  # the rest of the config is kept
-    assert args["ingress"]["mode"] == "proxy"
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and "RAY_SERVE_LOG_TO_STDERR" not in env
+    assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"  # the rest of deploy/ray.env is kept
     minilm = args["models"][0]
     assert minilm["torch_threads"] == 2 and minilm["batching"] == {"max_batch_size": 32, "max_wait_ms": 2}
-    used = [cfg["http_options"]["port"], args["metrics"]["export_port"], args["ingress"]["fallback_port"],
-            args["ingress"]["haproxy_stats_port"], args["ingress"]["haproxy_metrics_port"]]
+    used = [cfg["http_options"]["port"], launch.metrics_port, *(int(env[k]) for k in (
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"))]
     assert len(set(used)) == 5 and 8000 not in used and 8080 not in used
-    d, g = args["ingress"]["direct_port_range"], args["ingress"]["direct_grpc_port_range"]
+    d = [int(env[f"RAY_SERVE_DIRECT_INGRESS_{m}_HTTP_PORT"]) for m in ("MIN", "MAX")]
+    g = [int(env[f"RAY_SERVE_DIRECT_INGRESS_{m}_GRPC_PORT"]) for m in ("MIN", "MAX")]
     assert d[1] < g[0] or g[1] < d[0]
     assert max(d[1], g[1]) < 32768  # below the kernel's ephemeral ports
 
