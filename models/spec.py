@@ -39,6 +39,10 @@ class BatchingSpec(_Strict):
     max_queue_rows: int = Field(
         1024, ge=1, description="Rows waiting in the replica's queue before new requests get 503."
     )
+    stuck_batch_s: float = Field(
+        120.0, gt=0, description="A forward pass running longer than this marks the replica "
+        "unhealthy, so Serve's health check replaces it (a wedged backend).",
+    )
     max_batch_tokens: int = Field(
         16384, ge=1, description="Upper bound on rows x padded length in one forward pass."
     )

@@ -58,6 +58,7 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.batches_run = 0
+        self._busy_since: float | None = None  # when the forward pass in flight started
 
     def set_runner(self, run_batch: RunBatch) -> None:
         """Run later batches with ``run_batch`` (a replaced variant); a batch in flight
@@ -69,6 +70,11 @@ class Batcher:
         return len(self._queue)
 
     def alive(self) -> bool:
+        """The batch loop runs, and no forward pass has run longer than ``stuck_batch_s`` (a
+        wedged backend: the health check then fails and Serve replaces the replica)."""
+        busy = self._busy_since
+        if busy is not None and time.perf_counter() - busy > self.spec.stuck_batch_s:
+            return False
         return self._worker is None or not self._worker.done()
 
     async def call(self, fn: Callable, *args):
@@ -158,7 +164,7 @@ class Batcher:
             batch = self._take()
             if not batch:
                 continue
-            start = time.perf_counter()
+            start = self._busy_since = time.perf_counter()
             try:
                 adapters = [r.adapter for r in batch]
                 if not any(adapters):
@@ -167,11 +173,13 @@ class Batcher:
                     self._executor, self._run, [r.ids for r in batch], adapters
                 )
             except Exception as exc:  # the whole batch failed: each request learns why
+                self._busy_since = None
                 for r in batch:
                     if not r.future.done():
                         r.future.set_exception(exc)
                 continue
             end = time.perf_counter()
+            self._busy_since = None
             self.batches_run += 1
             for r, o in zip(batch, out):
                 if not r.future.done():

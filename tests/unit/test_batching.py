@@ -151,3 +151,26 @@ def test_rows_of_different_adapters_share_a_batch_unless_split():
     batches, adapters = run(main(True))
     assert batches == [[[0]], [[1], [4]], [[2]], [[3]]]
     assert adapters[1:] == [["x", "x"], None, ["y"]]
+
+
+def test_a_forward_pass_that_never_returns_makes_the_batcher_unhealthy():
+    """A wedged backend (a pass stuck past ``stuck_batch_s``) fails the health check, so Serve
+    replaces the replica; once the pass returns, the batcher is healthy again."""
+    import threading
+
+    async def go():
+        model = RecordingModel()
+        model.gate = threading.Event()  # the forward pass blocks until the gate opens
+        b = Batcher(model, BatchingSpec(max_batch_size=4, stuck_batch_s=0.2))
+        assert b.alive()
+        task = asyncio.ensure_future(b.submit([[7]]))
+        await async_wait_until(model.entered.is_set, "the forward pass to start")
+        assert b.alive()  # busy, but not yet for long
+        await asyncio.sleep(0.3)
+        assert not b.alive()
+        model.gate.set()
+        assert (await task).tolist() == [[7.0]]
+        assert b.alive()
+        b.close()
+
+    run(go())
