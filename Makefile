@@ -8,7 +8,7 @@ CONFIG ?= deploy/local.yaml
 # The CPU wheel of torch; installed first so nothing pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: up test install bench bench-deps prometheus-deps cluster-demo k8s bench-embeddings bench-variants bench-adapters bench-lora-impl \
+.PHONY: up test install bench bench-deps prometheus-deps cluster-demo autoscale k8s bench-embeddings bench-variants bench-adapters bench-lora-impl \
         bench-levers bench-variant-build locust adapters clean
 
 install: $(STAMP)
@@ -65,6 +65,10 @@ locust: $(STAMP)
 # update under Locust load; report in loadtest/results/cluster-demo.md (docs/cluster.md).
 cluster-demo: $(STAMP)
 	$(BENCH_ENV) $(PY) -m loadtest.cluster_demo $(DEMO_ARGS)
+
+# Autoscaling seen under a Locust ramp on the two-node cluster (loadtest/results/autoscaling.md)
+autoscale: $(STAMP)
+	$(BENCH_ENV) $(PY) -m loadtest.autoscale $(DEMO_ARGS)
 
 # k8s/rayservice.yaml from deploy/cluster.yaml and deploy/ray.env
 k8s: $(STAMP)

@@ -37,6 +37,9 @@ import yaml
 
 from loadtest import ports
 from loadtest.report import REPO
+from serve.processes import cmdline, descendants, proc_stat
+
+__all__ = ["cmdline", "descendants"]  # one way to walk /proc, shared with the launcher
 
 TICK = os.sysconf("SC_CLK_TCK")
 BUSY = 0.10  # cores used by other processes above which a point counts as disturbed
@@ -126,44 +129,11 @@ def bench_config(path: str | Path, state_dir: str | Path, *, replicas: int | Non
 
 
 # -- processes -----------------------------------------------------------------------------------
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (index 0 = state); None when gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def descendants(root: int) -> dict[int, str]:
-    """{pid: start time} of every live descendant of ``root``."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            f = _stat(int(d))
-            if f:
-                children.setdefault(int(f[1]), []).append(int(d))
-    found, stack = {}, [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            f = _stat(child)
-            if f and f[0] not in ("Z", "X"):
-                found[child] = f[19]
-            stack.append(child)
-    return found
-
-
 def tree_cpu_s(root: int) -> float:
     """CPU seconds (user + system, incl. reaped children) of ``root`` and its descendants."""
     total = 0
     for pid in [root, *descendants(root)]:
-        f = _stat(pid)
+        f = proc_stat(pid)
         if f:
             total += sum(int(x) for x in f[11:15])
     return total / TICK
@@ -323,7 +293,7 @@ class Server:
                 self.proc.wait()
         time.sleep(1.0)
         for pid, started in family.items():
-            f = _stat(pid)
+            f = proc_stat(pid)
             if f and f[19] == started and f[0] not in ("Z", "X"):
                 self.leftovers.append(f"{pid} {cmdline(pid)[:100]}")
                 try:

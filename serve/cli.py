@@ -57,14 +57,13 @@ def _up(args: argparse.Namespace) -> int:
     # and Ctrl-C must stop everything wherever `loraserve up` was started from.
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
-    print(f"starting {args.config} ...", flush=True)
+    print(f"starting {args.config} (run folder {service.run_dir}) ...", flush=True)
     try:
         service.start(say=lambda msg: print(msg, flush=True))
         print(
             f"\n  API      http://{host}:{port}/v1   (try: curl http://{host}:{port}/v1/models)\n"
             f"  health   http://{host}:{port}/health\n"
-            f"  metrics  http://127.0.0.1:{service.metrics_export_port}/metrics\n"
-            f"  run files {service.run_dir} (HAProxy config and sockets)\n\n"
+            f"  metrics  http://127.0.0.1:{service.metrics_export_port}/metrics\n\n"
             "Ctrl-C stops everything.",
             flush=True,
         )

@@ -22,9 +22,11 @@ from pathlib import Path
 
 from models.spec import ONNX_VARIANTS
 from serve.node import DEFAULT_ENV_FILE, NodeEnv, StartupError
+from serve.processes import end_all, matching, ray_tree, reap
 from serve.settings import AppSettings, app_args
 
-__all__ = ["DEFAULT_ENV_FILE", "DeployFailed", "LocalService", "NodeEnv", "StartupError", "deploy", "prepare_variants"]
+__all__ = ["DEFAULT_ENV_FILE", "DeployFailed", "LocalService", "NodeEnv", "StartupError", "deploy",
+           "matching", "prepare_variants", "reap"]
 
 DEFAULT_CONFIG = "deploy/local.yaml"
 DEFAULT_METRICS_PORT = 8080
@@ -117,6 +119,7 @@ class LocalService:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         t = time.monotonic()
         secure_token_file()
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         ray.init(
             namespace="serve",
             include_dashboard=False,
@@ -125,6 +128,9 @@ class LocalService:
             _metrics_export_port=self.metrics_export_port,
             logging_level="warning",
         )
+        for sig, handler in handlers.items():  # the caller's Ctrl-C/SIGTERM handling, not Ray's
+            if handler is not None:
+                signal.signal(sig, handler)
         self.session = ray._private.worker._global_node.session_name  # e.g. session_<date>_<pid>
         secure_token_file()  # ray.init wrote it, when there was none
         say(f"  Ray started in {time.monotonic() - t:.1f} s; deploying (replicas load their models) ...")
@@ -158,13 +164,16 @@ class LocalService:
         import ray
         from ray import serve
 
+        started = ray_tree()  # Ray's processes this one started (its agents rename themselves)
         try:
             if ray.is_initialized():
                 serve.shutdown()
         finally:
             ray.shutdown()
             # Ray's processes get SIGTERM from ray.shutdown(); should any outlive it (HAProxy
-            # did once), a grace period and then SIGKILL make sure nothing is left behind.
+            # did once), or Ray never finished starting (a signal during ray.init), a grace
+            # period and then SIGKILL make sure nothing is left behind.
+            end_all(started, grace_s=10.0)
             for fragment in filter(None, (self.session, str(self.run_dir))):
                 reap(fragment, grace_s=10.0)
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -276,33 +285,3 @@ def _accepting(host: str, port: int, timeout_s: float = 0.5) -> bool:
     with socket.socket() as s:
         s.settimeout(timeout_s)
         return s.connect_ex((host, port)) == 0
-
-
-def matching(fragment: str) -> list[int]:
-    """Pids (not ours) whose command line contains ``fragment``; empty where /proc is absent."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if fragment in cmdline and int(proc.name) != os.getpid():
-            pids.append(int(proc.name))
-    return pids
-
-
-def reap(fragment: str, grace_s: float, settle_s: float = 2.0) -> None:
-    """Wait up to ``grace_s`` for matching processes to exit, then SIGKILL the rest; keep
-    watching for ``settle_s`` more, since an HAProxy reload racing the shutdown can spawn a
-    successor after the first sweep (seen under heavy load)."""
-    deadline = time.monotonic() + grace_s
-    while matching(fragment) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    quiet_until = time.monotonic() + settle_s
-    while time.monotonic() < quiet_until:
-        for pid in matching(fragment):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)

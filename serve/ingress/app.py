@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from models.errors import InvalidRequest, MethodNotAllowed, NotFound, ServiceError
+from serve.autoscaling import ADAPTER_LOADS_PER_S, LoadRate
 from serve.ingress import admin, listing
 from serve.ingress.core import RouterCore
 from serve.ingress.http_io import check_api_key
@@ -51,6 +52,7 @@ class Router:
             parsed.adapters.metrics_top_n, pinned=tuple(a.name for a in parsed.adapters.preload)
         ))
         self.core = RouterCore(parsed, servers, metrics, serve_request_id)
+        self._load_rate = LoadRate()
         self._client = await start_registry(parsed.adapters, servers, self.core.inspector)
         self.core.registry = self._client
         await self._client.start()
@@ -94,6 +96,11 @@ class Router:
     @app.get("/v1/adapters")
     async def adapters(self, request: Request) -> Response:
         return await admin.admin(self.core, request, "list", None, admin.list_adapters)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Adapter pressure of the co-located models (``serve.autoscaling``)."""
+        loads = sum(s.adapters.loads for s in self.core.servers.values() if hasattr(s, "adapters"))
+        return {ADAPTER_LOADS_PER_S: self._load_rate(loads)}
 
     def check_health(self) -> None:
         for key, server in self.core.servers.items():

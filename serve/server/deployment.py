@@ -8,6 +8,7 @@ from __future__ import annotations
 from ray import serve
 
 from models.factory import backend_factory
+from serve.autoscaling import ADAPTER_LOADS_PER_S, LoadRate
 from serve.metrics import ModelMetrics
 from serve.registry.client import RegistryClient
 from serve.server.local import ModelServer
@@ -25,6 +26,7 @@ class ModelServerDeployment:
         settings = AdapterSettings.model_validate(adapters or {})
         cache = VariantSettings.model_validate(variants or {}).cache_path()
         self._client: RegistryClient | None = None
+        self._load_rate = LoadRate()
         self.server = ModelServer(
             model, variant, backend_factory(cache), observer=ModelMetrics(model.id, variant),
             store_roots=settings.store_roots(), on_residency=self._residency,
@@ -48,6 +50,10 @@ class ModelServerDeployment:
 
     async def variant_info(self) -> dict:
         return await self.server.variant_info()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Adapter pressure for ``serve.autoscaling.AdapterPressurePolicy``."""
+        return {ADAPTER_LOADS_PER_S: self._load_rate(self.server.adapters.loads)}
 
     def check_health(self) -> None:
         self.server.report()

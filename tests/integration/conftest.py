@@ -129,7 +129,10 @@ def _serve_config(tiny_models, store: Path, state_dir: Path) -> dict:
                 "deployments": [
                     {"name": "Router", "num_replicas": 1},
                     *({"name": f"ModelServer-topics-{v}", "ray_actor_options": {"num_cpus": 0},
-                       "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32}}
+                       "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32,
+                                              # Ray imports and runs our custom policy
+                                              "policy": {"policy_function": "serve.autoscaling:AdapterPressurePolicy",
+                                                         "policy_kwargs": {"max_loads_per_s": 50.0}}}}
                       for v in ("torch", "onnx")),
                 ],
                 "args": {

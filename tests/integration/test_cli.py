@@ -1,77 +1,126 @@
-"""`loraserve up` (what `make up` runs): serves, prints its URLs, and Ctrl-C leaves nothing behind."""
+"""`loraserve up` (what `make up` runs): it serves and prints its URLs; SIGTERM or SIGINT at each
+stage (building variants, deploying, serving) ends every process it started, frees its ports,
+removes its run folder, exits 0 without a traceback, and the next start works at once."""
 
+import os
 import re
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
+import pytest
+import yaml
 
-from tests.integration.conftest import service_config, start_up
+from serve.processes import cmdline, descendants, matching
+from tests.integration.conftest import service_config
 from tests.waiting import wait_until
 
 
-def _processes_mentioning(fragment: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if fragment in cmd:
-            found.append(f"{proc.name}: {cmd[:120]}")
-    return found
+def launch(setup, folder: Path):
+    path = folder / f"up-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(setup.config))
+    env_path = path.with_suffix(".env")
+    env_path.write_text("".join(f"{k}={v}\n" for k, v in setup.ray_env.items()))
+    log = open(path.with_suffix(".log"), "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--config", str(path), "--ray-env",
+                             str(env_path), "--metrics-export-port", str(setup.metrics_port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return proc, log
 
 
-def _session_of_children(pid: int) -> str | None:
-    """The Ray session folder name of the Ray that process ``pid`` started (its children)."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and "session_" in cmd:
-            return "session_" + cmd.split("session_", 1)[1].split("/")[0].split()[0]
-    return None
+def printed(log) -> str:
+    log.seek(0)
+    return log.read()
 
 
-def test_up_serves_then_sigint_stops_ray_and_haproxy(tiny_models, tmp_path):
-    setup = service_config(tiny_models, tmp_path / "store", tmp_path / "state", band=1)
-    args = setup.args
-    setup.keep_models("tiny")
-    args["adapters"]["preload"] = []  # the demo adapters are on minilm
-    port = setup.port
-    proc, log, _ = start_up(setup, tmp_path)
+def ports_of(setup) -> list[int]:
+    env = setup.ray_env
+    return [setup.port, setup.metrics_port, int(env["RAY_SERVE_HAPROXY_STATS_PORT"]),
+            int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]), int(env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"])]
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def healthy(setup) -> bool:
     try:
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "tiny", "input": "up"})
-        assert r.status_code == 200
-
-        def printed_urls():  # the URLs are printed once Serve reports the app RUNNING
-            log.seek(0)
-            text = log.read()
-            return text if "Ctrl-C stops everything" in text else None
-
-        printed = wait_until(printed_urls, "the URLs to be printed")
-        assert f"http://127.0.0.1:{port}/v1" in printed
-        assert f"http://127.0.0.1:{setup.metrics_port}/metrics" in printed
-        # this run's HAProxy (its config lies in the run folder the CLI printed; other services
-        # may run beside this test) and Ray session (its children's folder)
-        run_dirs = set(re.findall(r"run files (\S+)", printed))
-        assert any("haproxy" in p for d in run_dirs for p in _processes_mentioning(d)), run_dirs
-        session = _session_of_children(proc.pid)
-        assert run_dirs and session, (run_dirs, session)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=90)
-    assert rc == 0
-    # Ray's processes get SIGTERM on shutdown and may take a moment to exit: wait for that.
-    def leftovers():
-        return [p for d in run_dirs for p in _processes_mentioning(d)] + _processes_mentioning(session)
-
-    wait_until(lambda: not leftovers(), "Ray's and HAProxy's processes to exit", timeout_s=30)
-    try:
-        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-        still_up = True
+        return httpx.get(f"http://127.0.0.1:{setup.port}/health", timeout=3).status_code == 200
     except httpx.HTTPError:
-        still_up = False
-    assert not still_up, "port still answers after Ctrl-C"
+        return False
+
+
+def stop_and_check(proc, log, setup, sig) -> dict:
+    tree = descendants(proc.pid)
+    run_dirs = set(re.findall(r"run folder ([^\s)]+)", printed(log)))
+    t = time.monotonic()
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=90)
+    took = time.monotonic() - t
+    def gone():
+        alive = {p: cmdline(p)[:80] for p in tree if Path(f"/proc/{p}").exists()}
+        busy = [p for p in ports_of(setup) if listening(p)]
+        return not alive and not busy
+    wait_until(gone, "every process of the service to exit and its ports to close", timeout_s=30, every_s=0.5)
+    return {"rc": rc, "took_s": took, "run_dirs": run_dirs, "text": printed(log)}
+
+
+@pytest.fixture
+def setup(tiny_models, tmp_path):
+    s = service_config(tiny_models, tmp_path / "store", tmp_path / "state", band=1)
+    s.keep_models("tiny")
+    s.args["adapters"]["preload"] = []
+    s.args["variants"] = {"cache_dir": str(tmp_path / "variants")}  # a fresh cache: start builds
+    return s
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_building_variants(setup, tmp_path, sig):
+    proc, log = launch(setup, tmp_path)
+    wait_until(lambda: "exporting" in printed(log) or proc.poll() is not None, "the variant build to start",
+               timeout_s=120, every_s=0.05)
+    assert "Ray started" not in printed(log)
+    out = stop_and_check(proc, log, setup, sig)
+    assert out["rc"] == 0, out["text"][-2000:]
+    assert "Traceback" not in out["text"], out["text"][-2000:]
+    assert out["run_dirs"] and not any(Path(d).exists() for d in out["run_dirs"])
+
+
+def test_sigterm_while_deploying(setup, tmp_path):
+    proc, log = launch(setup, tmp_path)
+    wait_until(lambda: "Ray started" in printed(log) or proc.poll() is not None, "Ray to start",
+               timeout_s=180, every_s=0.1)
+    assert not healthy(setup)
+    out = stop_and_check(proc, log, setup, signal.SIGTERM)
+    assert out["rc"] == 0, out["text"][-2000:]
+    assert "Traceback" not in out["text"] and "core dumped" not in out["text"], out["text"][-2000:]
+    assert out["run_dirs"] and not any(Path(d).exists() for d in out["run_dirs"])
+
+
+def test_sigterm_while_serving_then_start_again_at_once(setup, tmp_path):
+    proc, log = launch(setup, tmp_path)
+    wait_until(lambda: healthy(setup) or (proc.poll() is not None and pytest.fail(printed(log)[-2000:])),
+               "the service to serve", timeout_s=180, every_s=0.5)
+    r = httpx.post(f"http://127.0.0.1:{setup.port}/v1/embeddings", json={"model": "tiny", "input": "up"})
+    assert r.status_code == 200
+    text = wait_until(lambda: "Ctrl-C stops everything" in printed(log) and printed(log), "the URLs")
+    assert f"http://127.0.0.1:{setup.port}/v1" in text
+    assert f"http://127.0.0.1:{setup.metrics_port}/metrics" in text
+    run_dir = re.findall(r"run folder ([^\s)]+)", text)[0]
+    haproxy = [p for p in matching(run_dir) if "haproxy" in cmdline(p)]  # its config is in the run folder
+    assert haproxy, "HAProxy runs (RAY_SERVE_ENABLE_HA_PROXY=1)"
+    out = stop_and_check(proc, log, setup, signal.SIGTERM)
+    assert not [p for p in haproxy if Path(f"/proc/{p}").exists()], "HAProxy outlived the stop"
+    assert out["rc"] == 0 and out["took_s"] < 60, out
+    assert out["run_dirs"] and not any(Path(d).exists() for d in out["run_dirs"])
+    again, log2 = launch(setup, tmp_path)  # same ports: nothing may still hold them
+    wait_until(lambda: healthy(setup) or (again.poll() is not None and pytest.fail(printed(log2)[-2000:])),
+               "the second start to serve", timeout_s=180, every_s=0.5)
+    stop_and_check(again, log2, setup, signal.SIGINT)
