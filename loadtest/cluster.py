@@ -192,7 +192,7 @@ class Cluster:
         tree = set(roots) | {pid for root in roots for pid in descendants(root)}
         for pid in tree:
             _signal(pid, 15)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 8
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in tree):
             time.sleep(0.5)
         left = [f"{p} {_cmd(p)[:60]}" for p in tree if Path(f"/proc/{p}").exists()]

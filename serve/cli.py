@@ -57,7 +57,7 @@ def _up(args: argparse.Namespace) -> int:
     # and Ctrl-C must stop everything wherever `loraserve up` was started from.
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
-    print(f"starting {args.config} (run folder {service.run_dir}) ...", flush=True)
+    print(f"starting {args.config} ...", flush=True)
     try:
         service.start(say=lambda msg: print(msg, flush=True))
         print(

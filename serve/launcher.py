@@ -100,7 +100,7 @@ class LocalService:
         self.node = local_node(node if node is not None else NodeEnv.from_file(DEFAULT_ENV_FILE))
         self.metrics_export_port = metrics_export_port
         self.num_cpus = num_cpus
-        self.run_dir = Path(tempfile.mkdtemp(prefix="loraserve-"))
+        self.run_dir: Path | None = None  # made by start(), removed by stop()
         self._saved_env: dict[str, str | None] = {}
         self.session: str | None = None
 
@@ -109,6 +109,8 @@ class LocalService:
         import ray
 
         self._check_ports_free()
+        self.run_dir = Path(tempfile.mkdtemp(prefix="loraserve-"))
+        say(f"  run folder {self.run_dir} (HAProxy's files; removed when it stops)")
         prepare_variants(self.settings)
         home = os.environ.get("LORASERVE_HOME") or os.getcwd()
         for key, value in self.node.for_local_run(self.run_dir, home).items():
@@ -174,9 +176,10 @@ class LocalService:
             # did once), or Ray never finished starting (a signal during ray.init), a grace
             # period and then SIGKILL make sure nothing is left behind.
             end_all(started, grace_s=10.0)
-            for fragment in filter(None, (self.session, str(self.run_dir))):
+            for fragment in filter(None, (self.session, self.run_dir and str(self.run_dir))):
                 reap(fragment, grace_s=10.0)
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            if self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
             for key, value in self._saved_env.items():
                 if value is None:
                     os.environ.pop(key, None)

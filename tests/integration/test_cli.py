@@ -1,6 +1,7 @@
-"""`loraserve up` (what `make up` runs): it serves and prints its URLs; SIGTERM or SIGINT at each
-stage (building variants, deploying, serving) ends every process it started, frees its ports,
-removes its run folder, exits 0 without a traceback, and the next start works at once."""
+"""`loraserve up` (what `make up` runs): it serves and prints its URLs; SIGTERM at each stage
+(building variants, deploying, serving) and SIGINT (Ctrl-C) while serving end every process it
+started, free its ports, remove its run folder, exit 0 without a traceback, and the next start
+works at once."""
 
 import os
 import re
@@ -21,6 +22,7 @@ from tests.waiting import wait_until
 
 
 def launch(setup, folder: Path):
+    """`loraserve up` in its own session, output to a log file (not waiting for anything)."""
     path = folder / f"up-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(setup.config))
     env_path = path.with_suffix(".env")
@@ -77,24 +79,27 @@ def setup(tiny_models, tmp_path):
     s = service_config(tiny_models, tmp_path / "store", tmp_path / "state", band=1)
     s.keep_models("tiny")
     s.args["adapters"]["preload"] = []
-    s.args["variants"] = {"cache_dir": str(tmp_path / "variants")}  # a fresh cache: start builds
+    s.args["models"][0]["variants"] = ["torch"]  # quick starts; the building test adds ONNX
     return s
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_while_building_variants(setup, tmp_path, sig):
+def test_sigterm_while_building_variants(setup, tmp_path, reaper):
+    setup.args["models"][0]["variants"] = ["torch", "onnx", "onnx-int8"]
+    setup.args["variants"] = {"cache_dir": str(tmp_path / "variants")}  # a fresh cache: start builds
     proc, log = launch(setup, tmp_path)
+    reaper.append(proc)
     wait_until(lambda: "exporting" in printed(log) or proc.poll() is not None, "the variant build to start",
                timeout_s=120, every_s=0.05)
     assert "Ray started" not in printed(log)
-    out = stop_and_check(proc, log, setup, sig)
+    out = stop_and_check(proc, log, setup, signal.SIGTERM)
     assert out["rc"] == 0, out["text"][-2000:]
     assert "Traceback" not in out["text"], out["text"][-2000:]
     assert out["run_dirs"] and not any(Path(d).exists() for d in out["run_dirs"])
 
 
-def test_sigterm_while_deploying(setup, tmp_path):
+def test_sigterm_while_deploying(setup, tmp_path, reaper):
     proc, log = launch(setup, tmp_path)
+    reaper.append(proc)
     wait_until(lambda: "Ray started" in printed(log) or proc.poll() is not None, "Ray to start",
                timeout_s=180, every_s=0.1)
     assert not healthy(setup)
@@ -104,8 +109,20 @@ def test_sigterm_while_deploying(setup, tmp_path):
     assert out["run_dirs"] and not any(Path(d).exists() for d in out["run_dirs"])
 
 
-def test_sigterm_while_serving_then_start_again_at_once(setup, tmp_path):
+@pytest.fixture
+def reaper():
+    """Processes a test started; any still running when it ends (a failed test) get SIGINT."""
+    procs = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=90)
+
+
+def test_sigterm_while_serving_then_start_again_at_once(setup, tmp_path, reaper):
     proc, log = launch(setup, tmp_path)
+    reaper.append(proc)
     wait_until(lambda: healthy(setup) or (proc.poll() is not None and pytest.fail(printed(log)[-2000:])),
                "the service to serve", timeout_s=180, every_s=0.5)
     r = httpx.post(f"http://127.0.0.1:{setup.port}/v1/embeddings", json={"model": "tiny", "input": "up"})
@@ -121,6 +138,7 @@ def test_sigterm_while_serving_then_start_again_at_once(setup, tmp_path):
     assert out["rc"] == 0 and out["took_s"] < 60, out
     assert out["run_dirs"] and not any(Path(d).exists() for d in out["run_dirs"])
     again, log2 = launch(setup, tmp_path)  # same ports: nothing may still hold them
+    reaper.append(again)
     wait_until(lambda: healthy(setup) or (again.poll() is not None and pytest.fail(printed(log2)[-2000:])),
                "the second start to serve", timeout_s=180, every_s=0.5)
     stop_and_check(again, log2, setup, signal.SIGINT)

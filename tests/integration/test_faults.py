@@ -76,11 +76,13 @@ def test_replica_killed_under_load(faulty):
 def test_full_queue_answers_503_with_retry_after_at_once(faulty):
     _, base_url = faulty
     results: list = []
+    start = threading.Barrier(24)
 
     def burst():
         with httpx.Client(base_url=base_url, timeout=30) as c:
+            start.wait(10)  # all at once: 24 x 12 rows against 16-row queues on 2 replicas
             t = time.monotonic()
-            r = c.post("/v1/embeddings", json={"model": "tiny", "input": ["a long sentence to embed"] * 8})
+            r = c.post("/v1/embeddings", json={"model": "tiny", "input": ["a sentence to embed, a few words long"] * 12})
             results.append((r.status_code, r.headers.get("retry-after"), time.monotonic() - t,
                             r.json().get("error", {}).get("code") if r.status_code != 200 else None))
 
@@ -92,7 +94,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(faulty):
     refused = [r for r in results if r[0] == 503]
     print(f"\nfull queue: {Counter(r[0] for r in results)}; slowest 503 {max((r[2] for r in refused), default=0):.2f} s")
     assert len(results) == 24 and {r[0] for r in results} <= {200, 503}
-    assert refused, "24 x 8 rows against a 16-row queue on 2 replicas must overflow"
+    assert refused, "24 x 12 rows at once against 16-row queues on 2 replicas must overflow"
     assert all(r[1] == "1" and r[3] == "overloaded" for r in refused), refused
     assert max(r[2] for r in refused) < 2.0  # at once, not after a timeout
     ok_after(base_url, time.monotonic())  # the next requests are served
