@@ -34,8 +34,8 @@ import yaml
 
 from loadtest import ports
 from loadtest.report import REPO
-from serve.launcher import reap
 from serve.node import load_env_file
+from serve.processes import cmdline, descendants, end_all, matching, proc_stat, reap
 
 BIN = Path(sys.executable).parent
 
@@ -144,10 +144,8 @@ class Cluster:
 
     def worker_pids(self, node: Node) -> list[int]:
         """The raylet of ``node`` (its ``--metrics-export-port`` tells it apart)."""
-        from serve.launcher import matching
-
         return [pid for pid in matching(str(self.run_dir))
-                if "raylet" in _cmd(pid) and f"--metrics_export_port={node.metrics_port}" in _cmd(pid)]
+                if "raylet" in cmdline(pid) and f"--metrics_export_port={node.metrics_port}" in cmdline(pid)]
 
     # -- Serve through its own CLI ---------------------------------------------------------------
     def serve_deploy(self, config: str | Path) -> None:
@@ -183,21 +181,15 @@ class Cluster:
                       timeout_s=60, check=False)
         except subprocess.TimeoutExpired:
             pass
-        from loadtest.service import descendants
-        from serve.launcher import matching
-
         # Ray's agents rename themselves (``ray::DashboardAgent``), so the run folder is not in
         # their command line: take every descendant of the processes that name it.
-        roots = matching(str(self.run_dir))
-        tree = set(roots) | {pid for root in roots for pid in descendants(root)}
-        for pid in tree:
-            _signal(pid, 15)
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in tree):
-            time.sleep(0.5)
-        left = [f"{p} {_cmd(p)[:60]}" for p in tree if Path(f"/proc/{p}").exists()]
-        for pid in tree:
-            _signal(pid, 9)
+        tree: dict[int, str] = {}
+        for root in matching(str(self.run_dir)):
+            if (stat := proc_stat(root)) is not None:
+                tree[root] = stat[19]
+                tree.update(descendants(root))
+        names = {p: cmdline(p)[:60] for p in tree}
+        left = [f"{p} {names[p]}" for p in end_all(tree, grace_s=8.0)]
         reap(str(self.run_dir), grace_s=0.0)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         return left
@@ -214,17 +206,3 @@ def replicas(status: dict, app: str = "loraserve") -> dict[str, int]:
     """RUNNING replicas per deployment, from ``serve status``."""
     deps = ((status.get("applications") or {}).get(app) or {}).get("deployments") or {}
     return {name: (d.get("replica_states") or {}).get("RUNNING", 0) for name, d in deps.items()}
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""

@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from loadtest import report
+from loadtest import locust_run, report
 from loadtest.cluster import BIN, Cluster, replicas
 from loadtest.report import REPO, say
 
@@ -65,25 +65,14 @@ def check_answers(base_url: str) -> dict:
     return {"embeddings": e.status_code, "classify": k.status_code, "label": k.json()["data"][0]["label"]}
 
 
-def locust(base_url: str, users: int, duration_s: int, prefix: Path) -> subprocess.Popen:
-    env = {"LORASERVE_SLO_P99_MS": "60000", "LORASERVE_SLO_FAIL_RATIO": "1"}  # we judge, not Locust
-    return subprocess.Popen(
-        [str(BIN / "locust"), "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
-         "--host", base_url, "-u", str(users), "-r", str(users), "-t", f"{duration_s}s",
-         "--csv", str(prefix), "--only-summary", "--stop-timeout", "10"],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def locust_counts(prefix: Path) -> dict:
-    rows = list(csv.DictReader(open(f"{prefix}_stats.csv")))
-    total = next(r for r in rows if r["Name"] == "Aggregated")
-    failures = [dict(r) for r in csv.DictReader(open(f"{prefix}_failures.csv"))] \
-        if Path(f"{prefix}_failures.csv").exists() else []
-    return {"requests": int(total["Request Count"]), "failures": int(total["Failure Count"]),
-            "p50_ms": float(total["50%"]), "p95_ms": float(total["95%"]), "p99_ms": float(total["99%"]),
-            "rps": float(total["Requests/s"]), "failure_kinds": failures,
-            "routes": {r["Name"]: {"requests": int(r["Request Count"]), "failures": int(r["Failure Count"])}
-                       for r in rows if r["Name"] != "Aggregated"}}
+def locust_counts(out: Path) -> dict:
+    """Locust's totals (``loadtest.locust_run``), per route, with the failures by kind."""
+    routes = locust_run.totals(out)
+    total = routes.pop("Aggregated")
+    kinds = out / "locust_failures.csv"
+    return {**{k: total[k] for k in ("requests", "failures", "p50_ms", "p95_ms", "p99_ms", "rps")},
+            "failure_kinds": [dict(r) for r in csv.DictReader(open(kinds))] if kinds.exists() else [],
+            "routes": {n: {"requests": r["requests"], "failures": r["failures"]} for n, r in routes.items()}}
 
 
 def watch(cluster: Cluster, stop: threading.Event, out: list, t0: float, every_s: float = 3.0) -> None:
@@ -117,13 +106,15 @@ def run(a) -> dict:
 
         new_path = cluster.run_dir / "cluster-updated.yaml"
         new_path.write_text(yaml.safe_dump(updated(yaml.safe_load(CONFIG.read_text())), sort_keys=False))
-        prefix = cluster.run_dir / "locust"
+        out_dir = cluster.run_dir / "locust"
         timeline: list = []
         stop = threading.Event()
         t0 = time.monotonic()
         watcher = threading.Thread(target=watch, args=(cluster, stop, timeline, t0), daemon=True)
         watcher.start()
-        proc = locust(f"http://127.0.0.1:{head.http_port}", a.users, a.duration, prefix)
+        proc = locust_run.run(f"http://127.0.0.1:{head.http_port}", out_dir, users=a.users, time_s=a.duration,
+                              env={"LORASERVE_SLO_P95_MS": "60000", "LORASERVE_SLO_FAIL_RATIO": "1"},
+                              wait=False)  # this scenario judges the failures, not Locust's SLO
         time.sleep(a.update_at)
         say(f"applying the update under load (t={time.monotonic() - t0:.0f} s)")
         data["update_sent_s"] = round(time.monotonic() - t0, 1)
@@ -143,7 +134,7 @@ def run(a) -> dict:
         watcher.join(10)
         data["locust_exit"] = proc.returncode
         data["locust_tail"] = out[-1500:]
-        data["locust"] = locust_counts(prefix)
+        data["locust"] = locust_counts(out_dir)
         data["replicas_after"] = replicas(cluster.serve_status())
         data["timeline"] = timeline
     finally:

@@ -39,8 +39,6 @@ from loadtest import ports
 from loadtest.report import REPO
 from serve.processes import cmdline, descendants, proc_stat
 
-__all__ = ["cmdline", "descendants"]  # one way to walk /proc, shared with the launcher
-
 TICK = os.sysconf("SC_CLK_TCK")
 BUSY = 0.10  # cores used by other processes above which a point counts as disturbed
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LORASERVE_HOME": str(REPO)}

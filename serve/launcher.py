@@ -77,7 +77,8 @@ def check_ray_keys(config: dict) -> None:
 
 
 class DeployFailed(RuntimeError):
-    """Serve reported the application DEPLOY_FAILED or UNHEALTHY; ``reason`` is Ray's last line."""
+    """Serve reported an application DEPLOY_FAILED or UNHEALTHY; the message keeps the last line
+    of Ray's reason for each (a traceback's last line names the error)."""
 
     def __init__(self, failed: dict[str, str]):
         self.failed = failed

@@ -32,8 +32,8 @@ _DEFAULTS = {
     "RAY_SERVE_ENABLE_HA_PROXY": "0",
 }
 # Names outside RAY_SERVE_* that a node's environment may carry.
-_OTHER_KNOWN = {"RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_metrics_report_interval_ms",
-                "LORASERVE_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS"}
+# (every other RAY_* name is Ray core's, read in C++ too, and trusted)
+_OTHER_KNOWN = {"LORASERVE_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS"}
 
 
 class StartupError(RuntimeError):

@@ -67,9 +67,13 @@ def alive(procs: dict[int, str]) -> dict[int, str]:
     return {p: s for p, s in procs.items() if (f := proc_stat(p)) and f[19] == s and f[0] not in ("Z", "X")}
 
 
-def end_all(procs: dict[int, str], grace_s: float) -> None:
-    """SIGTERM what of ``procs`` is still alive, wait up to ``grace_s``, SIGKILL the rest."""
+def end_all(procs: dict[int, str], grace_s: float) -> dict[int, str]:
+    """SIGTERM what of ``procs`` is still alive, wait up to ``grace_s``, SIGKILL the rest;
+    returns those that needed SIGKILL."""
+    stubborn: dict[int, str] = {}
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        if sig == signal.SIGKILL:
+            stubborn = alive(procs)
         for pid in alive(procs):
             try:
                 os.kill(pid, sig)
@@ -78,6 +82,7 @@ def end_all(procs: dict[int, str], grace_s: float) -> None:
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 2.0)
         while alive(procs) and time.monotonic() < deadline:
             time.sleep(0.2)
+    return stubborn
 
 
 def matching(fragment: str) -> list[int]:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from loadtest.cluster import Cluster, replicas
-from loadtest.service import descendants
+from serve.processes import descendants
 from tests.integration.conftest import free_port
 from tests.integration.load import CLIENTS, Load
 from tests.waiting import wait_until

@@ -12,7 +12,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from loadtest.service import cmdline, descendants
+from serve.processes import cmdline, descendants
 from tests.integration.conftest import service_config, start_up
 from tests.integration.load import CLIENTS, Load
 from tests.waiting import wait_until
