@@ -34,7 +34,7 @@ import yaml
 
 from loadtest import ports
 from loadtest.report import REPO
-from serve.node import load_env_file
+from serve.node import NodeEnv, load_env_file
 from serve.processes import cmdline, descendants, end_all, matching, proc_stat, reap
 
 BIN = Path(sys.executable).parent
@@ -83,7 +83,8 @@ class Cluster:
         env.update(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=str(folder / "haproxy.cfg"),
                    RAY_SERVE_HAPROXY_SOCKET_PATH=str(folder / "admin.sock"),
                    RAY_SERVE_HAPROXY_SERVER_STATE_BASE=str(folder),
-                   RAY_SERVE_HAPROXY_SERVER_STATE_FILE=str(folder / "server-state"))
+                   RAY_SERVE_HAPROXY_SERVER_STATE_FILE=str(folder / "server-state"),
+                   **NodeEnv(env).haproxy_wrapper())
         if index:
             stats, prom, fallback = ports.pick_ports(3)
             direct = ports.pick_block(100)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from serve.node import load_env_file
+from serve.node import HAPROXY_SCRIPT, load_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "deploy" / "cluster.yaml"
@@ -45,6 +45,8 @@ def serve_config(cluster: dict) -> dict:
 
 def _env(ray_env: dict[str, str]) -> list[dict]:
     env = [{"name": k, "value": v} for k, v in ray_env.items()]
+    if ray_env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":  # the image's pip puts scripts here
+        env.append({"name": "RAY_SERVE_HAPROXY_BINARY_PATH", "value": f"/usr/local/bin/{HAPROXY_SCRIPT}"})
     env += [{"name": "LORASERVE_HOME", "value": "/app"},
             {"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "TRANSFORMERS_OFFLINE", "value": "1"}]
     env += [{"name": name, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": key}}}

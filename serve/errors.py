@@ -28,6 +28,24 @@ from models.errors import (
 log = logging.getLogger("loraserve")
 
 
+class ReplicaFailed(ServiceError):
+    """The gateway's 502: the replica closed the connection before it answered (it died)."""
+
+    code = "replica_failed"
+
+
+class NoReplica(ServiceError):
+    """The gateway's 503: no replica could take the request (none up, or all marked down)."""
+
+    code = "no_replica"
+
+
+class ReplicaTimeout(ServiceError):
+    """The gateway's 504: no answer from the replica within the server timeout."""
+
+    code = "replica_timeout"
+
+
 # Most specific first: the first class an exception is an instance of decides.
 ERROR_TABLE: tuple[tuple[type[ServiceError], int, str], ...] = (
     (Unauthorized, 401, "authentication_error"),
@@ -42,6 +60,9 @@ ERROR_TABLE: tuple[tuple[type[ServiceError], int, str], ...] = (
     (Overloaded, 503, "service_unavailable_error"),
     (NotReady, 503, "service_unavailable_error"),
     (ModelLoadError, 503, "service_unavailable_error"),
+    (NoReplica, 503, "service_unavailable_error"),
+    (ReplicaFailed, 502, "internal_error"),
+    (ReplicaTimeout, 504, "timeout_error"),
     (ServiceError, 500, "internal_error"),
 )
 
@@ -69,7 +90,18 @@ def status_of(err: ServiceError) -> tuple[int, str]:
     return 500, "internal_error"  # unreachable: ServiceError closes the table
 
 
-def error_body(err: ServiceError, request_id: str) -> tuple[int, dict, dict[str, str]]:
+def gateway_error(status: int) -> ServiceError:
+    """What the gateway (HAProxy) answers for its own 408/502/503/504, in the envelope (``serve.haproxy``)."""
+    if status == 408:
+        return InferenceTimeout("the request did not arrive in time", code="request_timeout")
+    if status == 502:
+        return ReplicaFailed("the replica handling this request failed before it answered; retry")
+    if status == 503:
+        return NoReplica("no replica can take this request now; retry shortly")
+    return ReplicaTimeout("the replica did not answer within the server timeout")
+
+
+def error_body(err: ServiceError, request_id: str | None) -> tuple[int, dict, dict[str, str]]:
     """Status, the OpenAI error envelope, and extra headers (``Retry-After`` on 503)."""
     status, kind = status_of(err)
     message = err.message if status != 500 else "internal error"

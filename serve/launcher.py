@@ -11,6 +11,7 @@ outlived Ray (seen with Ray 2.60 after SIGTERM).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -123,14 +124,16 @@ class LocalService:
         t = time.monotonic()
         secure_token_file()
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        ray.init(
-            namespace="serve",
-            include_dashboard=False,
-            num_cpus=self.num_cpus,
-            _node_ip_address="127.0.0.1",
-            _metrics_export_port=self.metrics_export_port,
-            logging_level="warning",
-        )
+        host = (self.config.get("http_options") or {}).get("host", "127.0.0.1")
+        with node_ip_on_loopback(is_loopback(host)):
+            ray.init(
+                namespace="serve",
+                include_dashboard=False,
+                num_cpus=self.num_cpus,
+                _node_ip_address="127.0.0.1",
+                _metrics_export_port=self.metrics_export_port,
+                logging_level="warning",
+            )
         for sig, handler in handlers.items():  # the caller's Ctrl-C/SIGTERM handling, not Ray's
             if handler is not None:
                 signal.signal(sig, handler)
@@ -192,6 +195,27 @@ class LocalService:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+@contextlib.contextmanager
+def node_ip_on_loopback(on: bool):
+    """Ray turns a loopback node address into the machine's reachable one (so that other nodes
+    could join), and its agent then serves the metrics export port on every interface. A
+    service whose API listens on loopback keeps its node there too, as Ray does on macOS: the
+    switch is ``ray_constants.ENABLE_RAY_CLUSTER`` (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read once
+    at import), consulted by ``ray.init`` only."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = saved and not on
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def secure_token_file() -> None:

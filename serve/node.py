@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import re
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,7 +34,9 @@ _DEFAULTS = {
 }
 # Names outside RAY_SERVE_* that a node's environment may carry.
 # (every other RAY_* name is Ray core's, read in C++ too, and trusted)
-_OTHER_KNOWN = {"LORASERVE_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS"}
+_OTHER_KNOWN = {"LORASERVE_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS",
+                "LORASERVE_HAPROXY_BINARY", "LORASERVE_AUX_HOST"}
+HAPROXY_SCRIPT = "loraserve-haproxy"  # serve/haproxy.py's console script
 
 
 class StartupError(RuntimeError):
@@ -127,6 +130,18 @@ class NodeEnv:
                       (self.port("RAY_SERVE_HAPROXY_METRICS_PORT"), "HAProxy metrics")]
         return ports
 
+    def haproxy_wrapper(self) -> dict[str, str]:
+        """Ray runs ``loraserve-haproxy`` (serve/haproxy.py) as its HAProxy binary; a binary this
+        environment named stays the real one (``LORASERVE_HAPROXY_BINARY``)."""
+        script = Path(sys.executable).with_name(HAPROXY_SCRIPT)
+        if not self.haproxy or not script.exists():
+            return {}
+        env = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(script)}
+        own = self.env.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+        if own and Path(own).name != HAPROXY_SCRIPT:
+            env["LORASERVE_HAPROXY_BINARY"] = own
+        return env
+
     def for_local_run(self, run_dir: Path, home: str) -> dict[str, str]:
         """The variables ``loraserve up`` sets: the file's, HAProxy's files in this run's own
         folder, and LORASERVE_HOME (relative adapter and cache paths mean the same everywhere)."""
@@ -137,5 +152,6 @@ class NodeEnv:
                 RAY_SERVE_HAPROXY_SOCKET_PATH=str(run_dir / "admin.sock"),
                 RAY_SERVE_HAPROXY_SERVER_STATE_BASE=str(run_dir),
                 RAY_SERVE_HAPROXY_SERVER_STATE_FILE=str(run_dir / "server-state"),
+                **self.haproxy_wrapper(),
             )
         return env

@@ -1,8 +1,11 @@
 """`loraserve up` (what `make up` runs): it serves and prints its URLs; SIGTERM at each stage
 (building variants, deploying, serving) and SIGINT (Ctrl-C) while serving end every process it
 started, free its ports, remove its run folder, exit 0 without a traceback, and the next start
-works at once."""
+works at once. While it starts, a request is refused or answered 503 ``not_ready`` in the error
+envelope (never a plain-text 404); once up, every port it listens on is on the API's host
+(127.0.0.1), save the one Ray hard-codes."""
 
+import ipaddress
 import os
 import re
 import signal
@@ -18,6 +21,7 @@ import yaml
 
 from serve.processes import cmdline, descendants, matching
 from tests.integration.conftest import service_config
+from tests.integration.sockets import listening as listeners
 from tests.waiting import wait_until
 
 
@@ -120,11 +124,39 @@ def reaper():
             proc.wait(timeout=90)
 
 
+def answer_while_starting(setup) -> tuple[int, str, str | None] | None:
+    """What a client sees now: None when the connection is refused, else status, type, code."""
+    try:
+        r = httpx.get(f"http://127.0.0.1:{setup.port}/v1/models", timeout=5)
+    except httpx.TransportError:
+        return None
+    if r.status_code == 200:
+        return 200, "", None
+    assert r.headers.get("content-type", "").startswith("application/json"), (r.status_code, r.text)
+    assert r.status_code != 503 or r.headers.get("retry-after"), r.headers
+    return r.status_code, r.json()["error"]["type"], r.json()["error"]["code"]
+
+
 def test_sigterm_while_serving_then_start_again_at_once(setup, tmp_path, reaper):
     proc, log = launch(setup, tmp_path)
     reaper.append(proc)
-    wait_until(lambda: healthy(setup) or (proc.poll() is not None and pytest.fail(printed(log)[-2000:])),
-               "the service to serve", timeout_s=180, every_s=0.5)
+    seen = []
+    def up() -> bool:
+        seen.append(answer_while_starting(setup))
+        return seen[-1] is not None and seen[-1][0] == 200
+    wait_until(lambda: up() or (proc.poll() is not None and pytest.fail(printed(log)[-2000:])),
+               "the service to serve", timeout_s=180, every_s=0.1)
+    answers = {a for a in seen if a is not None}
+    assert answers <= {(200, "", None), (503, "service_unavailable_error", "not_ready"),
+                       (503, "service_unavailable_error", "no_replica")}, answers
+    assert (503, "service_unavailable_error", "not_ready") in answers, "HAProxy is up before the routes"
+    tree = descendants(proc.pid)
+    exposed = [(p, cmdline(p)[:40], addr, port) for p, addr, port in listeners(tree)
+               if not ipaddress.ip_address(addr).is_loopback]
+    # Ray 2.60 binds each replica's inter-deployment gRPC server to [::]:0
+    # (ray/serve/_private/replica.py, `add_port_to_grpc_server(self._server, "[::]:0")`).
+    assert all(c.startswith("ray::ServeReplica") and addr == "::" for _, c, addr, _ in exposed), exposed
+    assert len(listeners(tree)) > 10  # the check saw the service's sockets at all
     r = httpx.post(f"http://127.0.0.1:{setup.port}/v1/embeddings", json={"model": "tiny", "input": "up"})
     assert r.status_code == 200
     text = wait_until(lambda: "Ctrl-C stops everything" in printed(log) and printed(log), "the URLs")

@@ -68,7 +68,9 @@ def test_replica_killed_under_load(faulty):
           f"{back_s:.1f} s; slowest request {load.slowest:.1f} s")
     assert load.outcomes["200"] > 0 and replaced
     assert len(load.failures) <= 2 * CLIENTS, load.failures  # what was in flight on the victim, and its socket
-    assert all(f[1][:1] == "5" or "Error" in f[1] for f in load.failures), load.failures
+    # each a 5xx in the envelope: HAProxy retries an empty response once on the other replica
+    # (deploy/ray.env), so none is a connection closed without an answer
+    assert all(f[1].endswith("envelope") and f[1][:1] == "5" for f in load.failures), load.failures
     assert load.slowest < load.timeout_s  # none hanging
     assert back_s < 30
 
