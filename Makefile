@@ -9,7 +9,7 @@ CONFIG ?= deploy/local.yaml
 TORCH  ?= torch==2.13.0
 
 .PHONY: up test install bench bench-deps prometheus-deps cluster-demo autoscale k8s bench-embeddings bench-variants bench-adapters bench-lora-impl \
-        bench-levers bench-variant-build locust adapters clean
+        bench-levers bench-variant-build locust adapters reproduce clean
 
 install: $(STAMP)
 
@@ -29,7 +29,7 @@ up: $(STAMP)
 test: $(STAMP) prometheus-deps
 	$(VENV)/bin/ruff check serve models loadtest ops tests
 	$(VENV)/bin/lint-imports
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests --ignore=tests/reproduce $(PYTEST_ARGS)
 
 # Benchmarks (docs/benchmarks.md): `make bench` re-measures every results file in loadtest/results/,
 # one scenario after another (about 70 minutes on 2 cores; run it on an otherwise idle machine).
@@ -74,9 +74,13 @@ autoscale: $(STAMP)
 k8s: $(STAMP)
 	$(PY) -m ops.k8s
 
+# The demo adapters, rebuilt byte for byte (models/training/demo.py pins the CPU kernels).
 adapters: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m models.training.finetune --train models/data/sentiment/train.jsonl --eval models/data/sentiment/test.jsonl --out adapters/sentiment --overwrite
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m models.training.finetune --train models/data/topic/train.jsonl --eval models/data/topic/test.jsonl --out adapters/topic --overwrite
+	$(PY) -m models.training.demo
+
+# Retrain both into a temporary folder and compare the weights with the shipped ones (minutes).
+reproduce: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests/reproduce
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -33,3 +33,21 @@ def selection_metrics(logits: np.ndarray, label_ids: np.ndarray) -> dict[str, fl
     cross_entropy = float(-log_probs[np.arange(len(true)), true].mean())
     metrics = classification_metrics(logits, true)
     return metrics | {"selection": metrics["macro_f1"] - TIE_BREAK * min(cross_entropy, 10.0)}
+
+
+def score(true: list[str], pred: list[str], labels: list[str]) -> dict:
+    """Accuracy, macro-F1 and the confusion matrix (rows: true label, columns: predicted, both
+    in ``labels`` order) of predicted label names against the true ones."""
+    ids = {name: i for i, name in enumerate(labels)}
+    t = np.array([ids[x] for x in true])
+    p = np.array([ids[x] for x in pred])
+    confusion = np.zeros((len(labels), len(labels)), dtype=int)
+    np.add.at(confusion, (t, p), 1)
+    metrics = classification_metrics(np.eye(len(labels))[p], t)
+    return {k: round(v, 4) for k, v in metrics.items()} | {"rows": len(t), "confusion": confusion.tolist()}
+
+
+def majority(train_labels: list[str]) -> str:
+    """The most frequent training label (ties: the first in sorted order): the simplest baseline."""
+    names, counts = np.unique(np.array(train_labels), return_counts=True)
+    return str(names[int(np.argmax(counts))])

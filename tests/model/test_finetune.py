@@ -80,17 +80,25 @@ def test_card_records_labels_metrics_data_and_command(trained):
     card = json.loads((trained["out"] / CARD_FILE).read_text())
     assert card["labels"] == ["science", "sports", "world"]  # sorted: stable ids
     assert card["base"]["hub_id"] == "example/tiny-bert"
-    assert card["data"]["train"]["sha256"] == sha256_file(trained["train"])
-    assert card["data"]["eval"]["sha256"] == sha256_file(trained["test"])
+    assert card["data"]["train"][0]["sha256"] == sha256_file(trained["train"])
+    assert card["data"]["eval"][0]["sha256"] == sha256_file(trained["test"])
     assert card["command"] == "python -m models.training.finetune " + " ".join(trained["argv"])
     assert card["settings"]["rank"] == 4 and card["settings"]["epochs"] == 1
     assert [e["epoch"] for e in card["metrics"]["epochs"]] == [1]
     assert {"validation_accuracy", "validation_macro_f1"} <= set(card["metrics"]["epochs"][0])
-    held = card["metrics"]["held_out"]
-    assert held["rows"] == 9 and 0 <= held["accuracy"] <= 1 and 0 <= held["macro_f1"] <= 1
-    assert card["rows"] == {"train": 23, "validation": 1, "held_out": 9}
+    held = card["metrics"]["held_out"]["test"]  # named after the eval file
+    adapter = held["adapter"]
+    assert adapter["rows"] == 9 and 0 <= adapter["accuracy"] <= 1 and 0 <= adapter["macro_f1"] <= 1
+    assert np.array(adapter["confusion"]).sum() == 9 and np.array(adapter["confusion"]).shape == (3, 3)
+    assert np.trace(np.array(adapter["confusion"])) == round(adapter["accuracy"] * 9)
+    # every label has 8 training rows: the majority class is the first in order, right on 3 of 9
+    assert card["metrics"]["majority_label"] == "science" and held["majority"]["accuracy"] == round(3 / 9, 4)
+    # 10% of 8 rows per label is 0: the validation floor takes 2 (a third at most)
+    assert card["rows"] == {"train": 18, "validation": 6, "test": 9}
+    assert "floor" in card["validation"]
     readme = (trained["out"] / "README.md").read_text()
-    assert "base_model: example/tiny-bert" in readme and card["data"]["train"]["sha256"] in readme
+    assert "base_model: example/tiny-bert" in readme and card["data"]["train"][0]["sha256"] in readme
+    assert "| test | 9 | majority class (`science`) | 0.3333 |" in readme
 
 
 def test_adapter_config_names_the_hub_id(trained):
@@ -129,7 +137,7 @@ def test_csv_without_eval_file_splits_a_held_out_set(tiny_models, tmp_path):
     train = write_csv(tmp_path / "train.csv", rows(per_label=10))
     settings = FinetuneSettings(epochs=1, batch_size=8, max_length=16, rank=2, eval_fraction=0.2)
     card = finetune(train, tmp_path / "out", base=str(tiny_models["embed"]), settings=settings)
-    assert card["rows"] == {"train": 23, "validation": 1, "held_out": 6}  # 2 per label held out
+    assert card["rows"] == {"train": 18, "validation": 6, "held_out": 6}  # 2 per label held out
     assert card["base"]["hub_id"] is None and "eval" not in card["data"]
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(Path(tiny_models["embed"]).resolve())
@@ -168,6 +176,25 @@ def _bad(tmp: Path, case: str) -> dict:
         kw["train_file"] = write_jsonl(tmp / "x.jsonl", rows({"world": LABELS["world"]}))
     elif case == "eval label unseen in train":
         kw["eval_file"] = write_jsonl(tmp / "e.jsonl", rows({"business": "{s} posts a profit"}, per_label=2))
+    elif case == "not JSONL":
+        kw["train_file"] = tmp / "x.jsonl"
+        kw["train_file"].write_text('{"text": "fine", "label": "world"}\ntext,label\n')
+    elif case == "not UTF-8":
+        kw["train_file"] = tmp / "x.jsonl"
+        kw["train_file"].write_bytes(b'{"text": "caf\xe9", "label": "world"}\n')
+    elif case == "malformed CSV":
+        kw["train_file"] = tmp / "x.csv"
+        kw["train_file"].write_text('text,label\n"unclosed,world\nfine,sports,extra,fields\n')
+    elif case == "held-out set lacks a label":
+        kw["eval_file"] = write_jsonl(tmp / "e.jsonl", rows({"world": LABELS["world"]}, per_label=3))
+    elif case == "eval files with one name":
+        (tmp / "a").mkdir()
+        kw["eval_file"] = [write_jsonl(tmp / "e.jsonl", rows(per_label=2)), write_jsonl(tmp / "a" / "e.jsonl", rows(per_label=2))]
+    elif case == "vader on topic labels":
+        kw["baselines"] = ["vader"]
+    elif case == "too few rows for validation":
+        kw["train_file"] = write_jsonl(tmp / "x.jsonl", rows(per_label=2))
+        kw["eval_file"] = write_jsonl(tmp / "e.jsonl", rows(per_label=1, offset=50))
     elif case == "given labels miss a train label":
         kw["settings"] = FinetuneSettings(labels=("world", "sports"))
     elif case == "output path is a file":
@@ -190,6 +217,13 @@ BAD = [
     ("one label", "need at least 2 distinct labels, got ['world']"),
     ("eval label unseen in train", "eval labels ['business'] do not occur in the train labels"),
     ("given labels miss a train label", "train labels ['science'] are not among the given labels"),
+    ("not JSONL", "is not JSONL: line 2: Expecting value"),
+    ("not UTF-8", "is not UTF-8 text"),
+    ("malformed CSV", "could not be read as CSV"),
+    ("held-out set lacks a label", "held-out set 'e' has no rows labelled ['science', 'sports']"),
+    ("eval files with one name", "eval files need distinct names"),
+    ("vader on topic labels", "the vader baseline needs the labels ['negative', 'positive']"),
+    ("too few rows for validation", "too few for a validation split"),
     ("output path is a file", "exists and is a file"),
     ("output directory not empty", "exists and is not empty"),
 ]
@@ -230,3 +264,25 @@ def test_stratified_split_is_seeded_disjoint_and_keeps_every_label():
     assert sorted(kept + cut) == list(range(len(labels))) and not set(kept) & set(cut)
     assert sorted(labels[i] for i in cut) == ["a", "a", "b"]
     assert {labels[i] for i in kept} == {"a", "b", "c"}
+
+
+def test_training_twice_gives_the_same_bytes(trained, tmp_path):
+    """Seeded splits, initialisation and shuffling: a second run writes the same weights (what
+    `make adapters` relies on; `make reproduce` checks the shipped adapters themselves)."""
+    argv = list(trained["argv"])
+    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    assert main(argv) == 0
+    assert sha256_file(tmp_path / "again" / "adapter_model.safetensors") == \
+        sha256_file(trained["out"] / "adapter_model.safetensors")
+
+
+def test_small_data_gets_a_validation_split_worth_scoring(tiny_models, tmp_path, capsys):
+    """60 rows: 10% would leave 3 validation rows; the floor gives 8 per label, and says so."""
+    two = {"world": LABELS["world"], "sports": LABELS["sports"]}
+    train = write_jsonl(tmp_path / "train.jsonl", rows(two, per_label=30))
+    argv = ["--train", str(train), "--out", str(tmp_path / "out"), "--base", str(tiny_models["embed"]), *FAST]
+    assert main(argv) == 0
+    card = json.loads((tmp_path / "out" / CARD_FILE).read_text())
+    assert card["rows"] == {"train": 32, "validation": 16, "held_out": 12}
+    out = capsys.readouterr().out
+    assert "raised to a floor of 8" in out and "majority class" in out and "Confusion matrix" in out
