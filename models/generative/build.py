@@ -65,7 +65,20 @@ def blocks(tokenizer, texts: list[str]):
     return torch.tensor(ids[: n * BLOCK]).view(n, BLOCK)
 
 
-def build(out: Path, steps: int = 1200, batch: int = 32, lr: float = 3e-3, seed: int = 0, say=print,
+SAMPLE_PROMPTS = ["Once upon a time", "<|user|>\nWrite a short story about a fox named Leo.</s>\n<|assistant|>\n"]
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 60) -> str:
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def build(out: Path, steps: int = 800, batch: int = 32, lr: float = 3e-3, seed: int = 0, say=print,
           texts: list[str] | None = None) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -100,12 +113,17 @@ def build(out: Path, steps: int = 1200, batch: int = 32, lr: float = 3e-3, seed:
     model.eval()
     with torch.no_grad():
         held_loss = float(model(input_ids=held, labels=held).loss)
+    # the simplest baseline: each next token drawn from the training tokens' frequencies
+    counts = torch.bincount(data.flatten(), minlength=config.vocab_size).double() + 1
+    unigram = float(-(counts / counts.sum()).log()[held[:, 1:].flatten()].mean())
+    samples = {prompt: generate_text(model, tokenizer, prompt) for prompt in SAMPLE_PROMPTS}
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     card = {"parameters": params, "steps": steps, "batch": batch, "block": BLOCK, "lr": lr, "seed": seed,
             "training_tokens": int(data.numel()), "held_out_loss": round(held_loss, 4),
             "held_out_perplexity": round(math.exp(held_loss), 2),
+            "unigram_perplexity": round(math.exp(unigram), 2), "greedy_samples": samples,
             "seconds": round(time.perf_counter() - started, 1)}
     (out / "build_card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
@@ -114,7 +132,7 @@ def build(out: Path, steps: int = 1200, batch: int = 32, lr: float = 3e-3, seed:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.generative.build", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=800)
     args = p.parse_args(argv)
     print(json.dumps(build(args.out, steps=args.steps), indent=2))
     return 0
