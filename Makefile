@@ -80,8 +80,7 @@ adapters: $(STAMP)
 
 # The generative base (a 3.7M-parameter Llama trained on the seeded story corpus; ~16 min on 2 cores).
 storyteller: $(STAMP)
-	OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
-	  $(PY) -m models.generative.build --out models/data/storyteller
+	$(PY) -m models.generative.build --out models/data/storyteller
 
 # Retrain both into a temporary folder and compare the weights with the shipped ones (minutes).
 reproduce: $(STAMP)

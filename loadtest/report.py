@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from models.machine import ISA_FLAGS, cpu_facts, isa_line  # noqa: F401  (re-exported: reports name the CPU)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "loadtest" / "results"
 PACKAGES = ("torch", "transformers", "onnxruntime", "optimum", "peft", "ray", "fastapi", "uvicorn",
             "numpy", "tokenizers")
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512vnni", "avx_vnni", "amx_tile")
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -77,44 +78,6 @@ def ratios(a: list[float], b: list[float]) -> Stat | None:
 
 
 # -- the machine and the code ----------------------------------------------------------------------
-def cpu_facts(cpuinfo: str | None = None) -> dict:
-    """CPU model, flags of interest and the ISA line, from /proc/cpuinfo text."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    model, flags = None, set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model is None:
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    have = {f: f in flags for f in ISA_FLAGS}
-    model = model or platform.processor() or "unknown CPU"
-    return {"model": model, "flags": have, "isa": isa_line(have)}
-
-
-def isa_line(have: dict[str, bool]) -> str:
-    """E.g. ``ISA: AVX2 (no AVX-512, no VNNI, no AMX)`` or
-    ``ISA: AVX2, AVX-512, AVX-512 VNNI, AMX (no AVX-VNNI)``."""
-    avx512_vnni = bool(have.get("avx512_vnni") or have.get("avx512vnni"))
-    avx_vnni = bool(have.get("avx_vnni"))
-    yes, no = [], []
-    for name, ok in (("AVX2", have.get("avx2")), ("AVX-512", have.get("avx512f"))):
-        (yes if ok else no).append(name)
-    if avx512_vnni or avx_vnni:  # name the kind present, and the other kind as absent
-        (yes if avx512_vnni else no).append("AVX-512 VNNI")
-        (yes if avx_vnni else no).append("AVX-VNNI")
-    else:
-        no.append("VNNI")
-    (yes if have.get("amx_tile") else no).append("AMX")
-    return "ISA: " + (", ".join(yes) or "none of AVX2/AVX-512/VNNI/AMX") + (
-        f" (no {', no '.join(no)})" if no and yes else "")
-
-
 def cores() -> str:
     total = os.cpu_count() or 0
     try:

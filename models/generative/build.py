@@ -4,7 +4,8 @@ Steps, all seeded: write the corpus (stories, and dialogues through ``CHAT_TEMPL
 byte-level BPE tokenizer on it with the ``tokenizers`` library; train a Llama-architecture
 causal LM (``SIZE``: a few million parameters) on packed 128-token blocks with AdamW and a
 cosine schedule for ``steps``; save it as a Hugging Face directory (safetensors, tokenizer with
-its chat template) that ``AutoModelForCausalLM`` and ``AutoTokenizer`` load like any other::
+its chat template) that ``AutoModelForCausalLM`` and ``AutoTokenizer`` load like any other.
+The command line runs with the pinned CPU kernels of ``models.machine``::
 
     python -m models.generative.build --out models/data/storyteller
 """
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from models.generative.corpus import dialogues, stories
+from models.machine import pinned
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=800)
     args = p.parse_args(argv)
+    pinned("models.generative.build", list(argv if argv is not None else sys.argv[1:]))
     print(json.dumps(build(args.out, steps=args.steps), indent=2))
     return 0
 

@@ -6,7 +6,7 @@ docs/results/sentiment-sweep.md), reported beside VADER and the majority class p
 ``topic`` on the templated headlines, reported on the seen- and the unseen-template test sets.
 
 Reproducible: seeded splits, head and LoRA initialisation and shuffling, and one numeric path.
-``REPRODUCIBLE_ENV`` pins the CPU kernels torch, MKL and oneDNN choose (AVX2, two threads), so
+``models.machine.pinned`` sets the CPU kernels torch, MKL and oneDNN choose (AVX2, two threads), so
 that a machine with AVX-512 computes what an AVX2 machine does; ``make reproduce`` retrains both
 into a temporary folder and compares the sha256 of each ``adapter_model.safetensors`` with the
 shipped one (the card's time fields are left out of the comparison by construction: only the
@@ -20,12 +20,11 @@ import os
 import sys
 from pathlib import Path
 
+from models.machine import pinned
+
 ROOT = Path(__file__).resolve().parents[2]
 SNIPPETS = "models/data/snippets"
 TOPIC = "models/data/topic"
-REPRODUCIBLE_ENV = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2",
-                    "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 SENTIMENT_SETTINGS = ["--rank", "8", "--alpha", "16", "--target-modules", "query,key,value,dense",
                       "--epochs", "4", "--patience", "1", "--learning-rate", "1e-3", "--batch-size", "32",
                       "--max-length", "64", "--seed", "0"]
@@ -48,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("adapters"), help="Store folder. Default: adapters.")
     p.add_argument("--only", choices=["sentiment", "topic"], help="Build one adapter.")
     args = p.parse_args(argv)
-    wrong = {k: v for k, v in REPRODUCIBLE_ENV.items() if os.environ.get(k) != v}
-    if wrong:  # they must be set before torch starts: re-run this module with them
-        os.execve(sys.executable, [sys.executable, "-m", "models.training.demo", *(argv or sys.argv[1:])],
-                  {**os.environ, **REPRODUCIBLE_ENV})
+    pinned("models.training.demo", list(argv if argv is not None else sys.argv[1:]))
     from models.training.finetune import main as finetune_main
 
     os.chdir(ROOT)

@@ -136,7 +136,7 @@ def _train(base_dir: Path, splits: dict, labels: list[str], settings: FinetuneSe
         save_only_model=True, save_total_limit=2, load_best_model_at_end=True,
         metric_for_best_model="selection", greater_is_better=True, label_names=["labels"],
         seed=settings.seed, data_seed=settings.seed, use_cpu=True, report_to=[],
-        group_by_length=True,  # batches of similar lengths: less padding, about twice as fast on real text
+        group_by_length=True,  # batches of similar lengths: less padding on real text
     )
     trainer = Trainer(
         model=model,

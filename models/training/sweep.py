@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from models.machine import cpu_facts
 from models.training.finetune import FinetuneSettings, finetune
 from models.training.snippets import DATA
 
@@ -34,18 +34,6 @@ RUNS = {  # name: (settings changed from BASE, extra training file)
 }
 BASE = {"rank": 8, "alpha": 16.0, "target_modules": ALL, "epochs": 4, "patience": 1, "learning_rate": 1e-3,
         "batch_size": 32, "max_length": 64, "seed": 0}
-
-
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else ():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def isa() -> str:
-    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    return ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f" {f}" in flags) or "none of avx2/avx512"
 
 
 def run(names: list[str]) -> list[dict]:
@@ -69,10 +57,11 @@ def run(names: list[str]) -> list[dict]:
 def report(results: list[dict], command: str) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    facts = cpu_facts()
     chosen = max(results, key=lambda r: (r["validation_macro_f1"], -r["train_seconds"]))
     lines = ["# Sentiment adapter: settings sweep", "",
              f"Commit {commit}{' (with uncommitted changes)' if dirty else ''}; command `{command}`; "
-             f"CPU {cpu()} ({isa()}); {len(results)} runs.", "",
+             f"CPU {facts['model']} ({facts['isa']}); {len(results)} runs.", "",
              "Every run: the snippets' train split (plus the templated sentences where named), early stopping on "
              "the validation split (patience 1, at most 4 epochs), batch 32, 64 tokens, seed 0. Chosen by "
              "validation macro-F1 at the best epoch; the test splits are not looked at here (the chosen "
