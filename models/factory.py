@@ -25,6 +25,10 @@ def create_backend(spec: ModelSpec, variant: str, variant_cache: Path | None = N
             param="model",
         )
     path = resolve_source(spec.source)
+    if spec.task == "generate":
+        from models.decoding.backend import GenerativeBackend
+
+        return GenerativeBackend(spec, path)
     if variant == "torch":
         from models.torch_backend import TorchBackend
 

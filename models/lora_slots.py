@@ -20,6 +20,7 @@ results exact (the padded products are exact zeros). Outputs equal peft's to flo
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -181,12 +182,19 @@ class LoraEncoder(SlotBook):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, adapters: list[str | None]):
         """One pass; returns the encoder output (``last_hidden_state``, ``pooler_output``)."""
+        with self.rows(adapters):
+            return self.encoder(input_ids=ids, attention_mask=mask)
+
+    @contextmanager
+    def rows(self, adapters: list[str | None]):
+        """Within this block, row ``i`` of a forward pass of the wrapped model uses adapter
+        ``adapters[i]`` (None: the bare base). Any model: the generative engine uses it too."""
         slots = [BASE_SLOT if a is None else self.slot_of[a] for a in adapters]
         if any(slots):
             self._batch.rows = torch.tensor(slots, dtype=torch.long)
             self._batch.single = slots[0] if all(s == slots[0] for s in slots) else None
         try:
-            return self.encoder(input_ids=ids, attention_mask=mask)
+            yield
         finally:
             self._batch.rows = None
             self._batch.single = None

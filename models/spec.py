@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Task = Literal["embed", "classify"]
+Task = Literal["embed", "classify", "generate"]
 VariantName = Literal["torch", "onnx", "onnx-int8"]
 VARIANT_NAMES: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
 ONNX_VARIANTS: tuple[str, ...] = ("onnx", "onnx-int8")  # built by models.variants.build
@@ -108,6 +108,34 @@ class OnnxSpec(_Strict):
     parity: ParitySpec = Field(default_factory=ParitySpec)
 
 
+class GenerationSpec(_Strict):
+    """Continuous batching of a generative base (``models.decoding.engine``) and the bounds
+    on what a request may ask for."""
+
+    max_running: int = Field(
+        32, ge=1, le=1024, description="Sequences decoding at once in one replica (KV cache "
+        "slots, each reserved for the full context).",
+    )
+    max_waiting: int = Field(
+        256, ge=0, description="Sequences waiting for a slot before new requests get 503.",
+    )
+    step_tokens: int = Field(
+        128, ge=1, le=65536, description="Tokens one step may process: one per running "
+        "sequence, the rest prefill prompts in chunks, so a long prompt delays the running "
+        "streams by at most one chunk.",
+    )
+    max_tokens: int = Field(
+        512, ge=1, description="Largest `max_tokens` a request may ask for (the context bounds "
+        "prompt plus output too).",
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, description="`max_tokens` when a request gives none (cut to the context).",
+    )
+    max_n: int = Field(8, ge=1, le=128, description="Largest `n` (choices per prompt).")
+    max_stop: int = Field(8, ge=0, le=256, description="Most stop strings per request.")
+    max_stop_chars: int = Field(64, ge=1, description="Longest stop string.")
+
+
 class ModelSpec(_Strict):
     """One base model of the catalog."""
 
@@ -121,7 +149,7 @@ class ModelSpec(_Strict):
         description="Hugging Face hub id this model is known by; accepted as an alias in the "
         "`model` string and used to check adapter compatibility. Never downloaded.",
     )
-    task: Task = Field(description="`embed` or `classify`.")
+    task: Task = Field(description="`embed`, `classify` or `generate` (a causal LM).")
     max_input_tokens: int | None = Field(
         None,
         ge=2,
@@ -139,6 +167,7 @@ class ModelSpec(_Strict):
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     onnx: OnnxSpec = Field(default_factory=OnnxSpec)
     adapters: AdapterPolicy = Field(default_factory=AdapterPolicy)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
 
     @field_validator("id")
     @classmethod
@@ -153,6 +182,12 @@ class ModelSpec(_Strict):
             raise ValueError(
                 f"default_variant {self.default_variant!r} is not in variants {self.variants}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _generate_on_torch(self) -> ModelSpec:
+        if self.task == "generate" and self.variants != ("torch",):
+            raise ValueError("a generative model serves the `torch` variant only")
         return self
 
     def names(self) -> tuple[str, ...]:

@@ -211,3 +211,74 @@ class ModelMetrics:
 
     def queued(self, wait_ms: float) -> None:
         self.queue.observe(wait_ms / 1000, tags=self.tags)
+
+
+class GenerationMetrics(ModelMetrics):
+    """A generative base's metrics on top of ``ModelMetrics``, with vLLM's meanings under our
+    prefix: time to first token, time per output token (per request: the time after its first
+    token over the tokens after it), prompt and generation tokens, running and waiting
+    sequences, finished sequences by reason (stop, length, abort) and KV cache use."""
+
+    def __init__(self, model: str, variant: str) -> None:
+        super().__init__(model, variant)
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        keys = ("model", "variant")
+        self.ttft = Histogram(
+            "loraserve_time_to_first_token_seconds",
+            description="From admission to a request's first generated token, in seconds.",
+            boundaries=LATENCY_S, tag_keys=keys,
+        )
+        self.tpot = Histogram(
+            "loraserve_time_per_output_token_seconds",
+            description="Per request: time after the first token divided by the tokens after it.",
+            boundaries=LATENCY_S, tag_keys=keys,
+        )
+        self.prompt_tokens = Counter(
+            "loraserve_prompt_tokens_total", description="Prompt tokens prefilled.", tag_keys=keys,
+        )
+        self.generation_tokens = Counter(
+            "loraserve_generation_tokens_total", description="Tokens generated.", tag_keys=keys,
+        )
+        self.finished = Counter(
+            "loraserve_sequences_finished_total",
+            description="Sequences ended, by reason: stop (end of text or a stop string), length "
+            "(max_tokens or the context), abort (cancelled: the client went away or timed out).",
+            tag_keys=keys + ("finished_reason",),
+        )
+        self.running = Gauge(
+            "loraserve_num_sequences_running", description="Sequences decoding in this replica.", tag_keys=keys,
+        )
+        self.waiting = Gauge(
+            "loraserve_num_sequences_waiting", description="Sequences waiting for a slot.", tag_keys=keys,
+        )
+        self.kv_usage = Gauge(
+            "loraserve_kv_cache_usage_ratio",
+            description="Share of the KV cache's positions holding tokens (0..1).", tag_keys=keys,
+        )
+        self.step = Histogram(
+            "loraserve_decode_step_seconds", description="Time of one engine step (decode + prefill).",
+            boundaries=LATENCY_S, tag_keys=keys,
+        )
+        self._last_gauges = 0.0
+
+    def decode_step(self, running: int, waiting: int, kv_usage: float, step_ms: float) -> None:
+        self.step.observe(step_ms / 1000, tags=self.tags)
+        now = time.monotonic()
+        if now - self._last_gauges >= 0.5 or running == 0:  # gauges: twice a second is plenty
+            self._last_gauges = now
+            self.running.set(running, tags=self.tags)
+            self.waiting.set(waiting, tags=self.tags)
+            self.kv_usage.set(kv_usage, tags=self.tags)
+
+    def generation_done(self, prompt_tokens: int, tokens: int, ttft_s: float | None, tpot_s: float | None,
+                        reasons: list[str]) -> None:
+        self.prompt_tokens.inc(prompt_tokens, tags=self.tags)
+        if tokens:
+            self.generation_tokens.inc(tokens, tags=self.tags)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s, tags=self.tags)
+        if tpot_s is not None:
+            self.tpot.observe(tpot_s, tags=self.tags)
+        for reason in reasons:
+            self.finished.inc(tags={**self.tags, "finished_reason": reason})

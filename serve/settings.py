@@ -29,6 +29,15 @@ class ServedModel(ModelSpec):
         "(for models that need their own resources).",
     )
 
+    @model_validator(mode="after")
+    def _generative_colocated(self) -> ServedModel:
+        if self.task == "generate" and self.placement != "colocated":
+            raise ValueError(
+                f"model {self.id!r}: a generative model runs colocated (streaming through a "
+                "separate deployment is not built yet)"
+            )
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _moved(cls, data: Any) -> Any:

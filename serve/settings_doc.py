@@ -70,8 +70,8 @@ Rules that follow from this:
 - Secrets never sit in the file: `auth.api_keys_env` and `auth.admin_keys_env` name
   environment variables that hold comma-separated keys.
 
-An example, abridged from deploy/local.yaml (the bundled model, all three variants, the two
-demo adapters):
+An example, abridged from deploy/local.yaml (the bundled embedder with all three variants, the
+generative base, the two demo adapters):
 
 ```yaml
 proxy_location: HeadOnly
@@ -105,6 +105,12 @@ applications:
           batching:
             max_batch_size: 32
             max_wait_ms: 0
+        - id: storyteller
+          source: package:models.generative.storyteller
+          task: generate
+          torch_threads: 1
+          generation:
+            max_running: 32
       adapters:
         stores: [adapters]
         state_dir: .loraserve/state

@@ -68,3 +68,44 @@ def peft_reference(base_dir, adapter_dir, task, texts, tokenizer=None):
         hidden = model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).float()
         return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=1).numpy()
+
+
+STORYTELLER = "models/data/storyteller"
+
+
+def make_causal_adapter(dest, *, base_dir=STORYTELLER, rank: int = 4, seed: int = 0,
+                        targets=("q_proj", "v_proj"), std: float = 0.2):
+    """A real peft CAUSAL_LM LoRA adapter on a causal LM, randomized with a seed (see
+    ``make_adapter``) so that it changes what greedy decoding writes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=list(targets))
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, std)
+    peft_model.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def greedy_reference(prompt_ids, max_new_tokens, *, base_dir=STORYTELLER, adapter_dir=None):
+    """``model.generate(do_sample=False)`` of transformers (through peft for an adapter): the
+    token ids the served engine must reproduce, up to and excluding the end-of-text token."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=model.config.pad_token_id)
+    ids = out[0, len(prompt_ids):].tolist()
+    return ids[: ids.index(eos)] if eos in ids else ids

@@ -12,7 +12,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "loraserve_card.json"  # written by `loraserve train`; holds the label names
 # peft task types per serving task
-TASK_TYPES = {"classify": {"SEQ_CLS"}, "embed": {"FEATURE_EXTRACTION", None}}
+TASK_TYPES = {"classify": {"SEQ_CLS"}, "embed": {"FEATURE_EXTRACTION", None}, "generate": {"CAUSAL_LM"}}
 # What an adapter on an encoder base serves, by its peft task type.
 ENCODER_ADAPTER_TASKS = {"SEQ_CLS": "classify", "FEATURE_EXTRACTION": "embed", None: "embed"}
 
@@ -33,9 +33,12 @@ def read_config(directory: Path) -> dict:
 
 def adapter_task(task_type: str | None, base_task: str) -> str:
     """The task an adapter serves on a base, from its peft ``task_type``: on an encoder base
-    (embed or classify) ``SEQ_CLS`` classifies and ``FEATURE_EXTRACTION`` (or none) embeds."""
+    (embed or classify) ``SEQ_CLS`` classifies and ``FEATURE_EXTRACTION`` (or none) embeds;
+    on a generative base ``CAUSAL_LM`` generates."""
     if base_task in ("embed", "classify") and task_type in ENCODER_ADAPTER_TASKS:
         return ENCODER_ADAPTER_TASKS[task_type]
+    if base_task == "generate" and task_type == "CAUSAL_LM":
+        return "generate"
     raise InvalidAdapter(
         f"adapter task_type {task_type!r} does not fit a base serving {base_task!r}",
         param="lora_path",

@@ -26,6 +26,8 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# What a served chat prompt starts with: the ``<s>`` every training text began with.
+SERVED_CHAT_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 SIZE = {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
@@ -51,9 +53,19 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    with_bos(tok)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", chat_template=CHAT_TEMPLATE,
+                                   pad_token="<pad>", chat_template=SERVED_CHAT_TEMPLATE,
                                    additional_special_tokens=SPECIAL[4:], model_max_length=SIZE["max_position_embeddings"])
+
+
+def with_bos(tok) -> None:
+    """Texts encoded with special tokens start with ``<s>``, as every training text did (the
+    training itself encodes without them and adds ``<s>``/``</s>`` per text, ``blocks``)."""
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIAL.index("<s>"))])
 
 
 def blocks(tokenizer, texts: list[str]):

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from models.errors import InvalidRequest, MethodNotAllowed, NotFound, ServiceError
 from serve.autoscaling import ADAPTER_LOADS_PER_S, LoadRate
-from serve.ingress import admin, listing
+from serve.ingress import admin, generation, listing
 from serve.ingress.core import RouterCore
 from serve.ingress.http_io import check_api_key
 from serve.ingress.responses import error_response, json_response, serve_request_id
@@ -84,6 +84,14 @@ class Router:
     @app.post("/v1/classify")
     async def classify(self, request: Request) -> Response:
         return await self.core.handle(request, "classify", ClassifyRequest, self.core.classify)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await generation.completions(self.core, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await generation.completions(self.core, request, chat=True)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request) -> Response:

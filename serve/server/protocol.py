@@ -72,6 +72,11 @@ class Observer(Protocol):
 
     def variant_reload(self, result: str) -> None: ...
 
+    def decode_step(self, running: int, waiting: int, kv_usage: float, step_ms: float) -> None: ...
+
+    def generation_done(self, prompt_tokens: int, tokens: int, ttft_s: float | None, tpot_s: float | None,
+                        reasons: list[str]) -> None: ...
+
 
 class NullObserver:
     """Records nothing (unit tests, offline use)."""
@@ -95,4 +100,11 @@ class NullObserver:
         pass
 
     def variant_reload(self, result: str) -> None:
+        pass
+
+    def decode_step(self, running: int, waiting: int, kv_usage: float, step_ms: float) -> None:
+        pass
+
+    def generation_done(self, prompt_tokens: int, tokens: int, ttft_s: float | None, tpot_s: float | None,
+                        reasons: list[str]) -> None:
         pass

@@ -19,9 +19,10 @@ from models.adapters.identity import AdapterRef
 from models.factory import backend_factory
 from models.registration import AdapterInspector
 from serve.errors import as_service_error
-from serve.metrics import ModelMetrics
+from serve.metrics import GenerationMetrics, ModelMetrics
 from serve.registry.client import RegistryClient
 from serve.registry.core import get_or_create_registry
+from serve.server.generation import GenerativeServer
 from serve.server.local import ModelServer
 from serve.server.protocol import ModelServerProtocol
 from serve.server.remote import RemoteModelServer
@@ -39,8 +40,10 @@ def build_servers(
     for spec in settings.models:
         for variant in spec.variants:
             if spec.placement == "colocated":
-                servers[(spec.id, variant)] = ModelServer(
-                    spec, variant, factory, observer=ModelMetrics(spec.id, variant),
+                generative = spec.task == "generate"
+                cls, observer = (GenerativeServer, GenerationMetrics) if generative else (ModelServer, ModelMetrics)
+                servers[(spec.id, variant)] = cls(
+                    spec, variant, factory, observer=observer(spec.id, variant),
                     store_roots=roots, on_residency=on_residency,
                 ).load()
             else:

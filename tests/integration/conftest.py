@@ -1,8 +1,9 @@
 """The real Serve application on 127.0.0.1, started once per test session.
 
 Every port is picked free at start, so a running `make up` or a benchmark does not collide.
-The catalog: the bundled all-MiniLM-L6-v2 and a tiny embedder co-located in the Router
-replica (one hop), and a tiny classifier as a ModelServer deployment of its own (two hops).
+The catalog: the bundled all-MiniLM-L6-v2, a tiny embedder and the shipped generative base
+(twice: ``storyteller``, and ``tale1`` with one slot) co-located in the Router replica (one hop),
+and a tiny classifier as a ModelServer deployment of its own (two hops).
 ONNX variants: minilm and tiny serve torch, onnx and onnx-int8; topics torch and onnx; `strict`
 (the tiny embedder again) has an fp32 parity threshold no export meets, so its onnx variant is
 built and refused. Variants are built at start into the state folder (a fresh cache).
@@ -22,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TOPIC_LABELS, make_adapter
+from tests.conftest import TOPIC_LABELS, make_adapter, make_causal_adapter
 from tests.waiting import wait_until
 
 MAX_BODY = 64 * 1024
@@ -46,6 +47,8 @@ def adapter_store(tiny_models, tmp_path_factory):
     # sources of the bad-adapter table (tests/unit/test_adapter_validation.py builds from them)
     make_adapter(tiny_models["classify"], root / "topics-lora", task="classify")
     make_adapter(tiny_models["classify"], root / "rank16", task="classify", rank=16)
+    for i in range(2):  # on the generative base
+        make_causal_adapter(root / f"gen-{i}", seed=400 + i)
     return root
 
 
@@ -165,6 +168,11 @@ def _serve_config(tiny_models, store: Path, state_dir: Path) -> dict:
                         {"id": "strict", "source": str(tiny_models["embed"]), "task": "embed",
                          "torch_threads": 1, "variants": ["torch", "onnx"],
                          "onnx": {"reload_poll_s": 0, "parity": {"fp32_max_abs_diff": 1e-12}}},
+                        {"id": "storyteller", "source": "package:models.generative.storyteller", "task": "generate",
+                         "torch_threads": 1, "generation": {"max_running": 8, "max_waiting": 64, "max_n": 4}},
+                        # one slot and no waiting room: a held slot answers 503 (disconnect tests)
+                        {"id": "tale1", "source": "package:models.generative.storyteller", "task": "generate",
+                         "torch_threads": 1, "generation": {"max_running": 1, "max_waiting": 0}},
                         {
                             "id": "topics",
                             "source": str(tiny_models["classify"]),

@@ -19,7 +19,8 @@ def test_health_runs_a_real_inference_per_model(client):
     assert "parity with torch failed" in strict
     assert report == {f"{m}@{v}": "ok" for m, vs in (("minilm", ("torch", "onnx", "onnx-int8")),
                                                      ("tiny", ("torch", "onnx", "onnx-int8")),
-                                                     ("strict", ("torch",)), ("topics", ("torch", "onnx")))
+                                                     ("strict", ("torch",)), ("topics", ("torch", "onnx")),
+                                                     ("storyteller", ("torch",)), ("tale1", ("torch",)))
                       for v in vs}
 
 
@@ -27,8 +28,9 @@ def test_models_list_has_task_variants_and_aliases(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
     by_id = {m["id"]: m for m in body["data"] if m["parent"] is None}
-    assert set(by_id) == {"minilm", "tiny", "topics", "strict"}
+    assert set(by_id) == {"minilm", "tiny", "topics", "strict", "storyteller", "tale1"}
     assert by_id["minilm"]["task"] == "embed" and by_id["topics"]["task"] == "classify"
+    assert by_id["storyteller"]["task"] == "generate"
     assert by_id["minilm"]["aliases"] == ["sentence-transformers/all-MiniLM-L6-v2"]
     assert by_id["minilm"]["variants"][0]["name"] == "torch"
 

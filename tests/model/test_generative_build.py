@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from models.generative.build import CHAT_TEMPLATE, SPECIAL, build, corpus_texts, train_tokenizer
+from models.generative.build import SERVED_CHAT_TEMPLATE, SPECIAL, build, corpus_texts, train_tokenizer
 from models.generative.corpus import dialogues, stories
 
 
@@ -32,7 +32,10 @@ def test_the_tokenizer_round_trips_and_renders_the_chat_template(tokenizer):
     assert all(tokenizer.convert_tokens_to_ids(t) != tokenizer.unk_token_id for t in SPECIAL if t != "<unk>")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False,
                                            add_generation_prompt=True)
-    assert prompt == "<|user|>\nHi.</s>\n<|assistant|>\n" and tokenizer.chat_template == CHAT_TEMPLATE
+    # served prompts start with <s>, as every training text did (the training text itself is
+    # rendered with CHAT_TEMPLATE and gets its <s> from `blocks`)
+    assert prompt == "<s><|user|>\nHi.</s>\n<|assistant|>\n" and tokenizer.chat_template == SERVED_CHAT_TEMPLATE
+    assert tokenizer("Hi.")["input_ids"][0] == tokenizer.bos_token_id
 
 
 def test_the_build_loads_as_a_causal_lm_and_generates(tmp_path):

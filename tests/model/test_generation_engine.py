@@ -1,0 +1,126 @@
+"""The decode engine: continuous batching across adapters gives, for every sequence, exactly the
+tokens of ``model.generate`` (through peft for an adapter) for that prompt alone, whatever shares
+its steps; prompts prefilled in chunks; a cancelled sequence's slot serves the next one; stop
+strings; seeded sampling independent of the batch; a full waiting room refuses."""
+
+from pathlib import Path
+
+import pytest
+
+from models.adapters import base_weight_shapes, validate_adapter
+from models.decoding.engine import GenSeq
+from models.decoding.sampling import SamplingParams
+from models.errors import Overloaded
+from models.factory import create_backend
+from models.spec import ModelSpec
+from tests.conftest import STORYTELLER, greedy_reference, make_causal_adapter
+
+PROMPTS = [
+    "Once upon a time",
+    "One day a little fox named Leo went to the school and",
+    "<|user|>\nWrite a short story about a cat named Nora.</s>\n<|assistant|>\n",
+    "The dog",
+]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("causal-adapters")
+    make_causal_adapter(root / "gen-a", seed=21)
+    make_causal_adapter(root / "gen-b", seed=22, rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"))
+    return root
+
+
+def load(store=None, adapters=(), **generation):
+    spec = ModelSpec(id="storyteller", source=STORYTELLER, task="generate", generation=generation)
+    b = create_backend(spec, "torch")
+    b.load()
+    for name in adapters:
+        check = validate_adapter(name, [store], base_shapes=base_weight_shapes(Path(STORYTELLER)), task="generate", max_rank=64)
+        b.add_adapter(name, check, "generate")
+    return b
+
+
+def run(engine, seqs, cancel_after=None):
+    """Step until every sequence ended; ``cancel_after = (step, seq)`` cancels one on the way."""
+    engine.admit(seqs)
+    steps = 0
+    while engine.busy:
+        cancel = [cancel_after[1].id] if cancel_after and steps == cancel_after[0] else []
+        engine.step(cancel)
+        steps += 1
+        assert steps < 2000
+    return steps
+
+
+def greedy(n=NEW):
+    return SamplingParams(max_tokens=n, temperature=0.0)
+
+
+def test_mixed_adapter_batches_equal_generate_per_sequence(store):
+    b = load(store, ("gen-a", "gen-b"))
+    plan = [(p, a) for p in PROMPTS for a in (None, "gen-a", "gen-b")]
+    seqs = [GenSeq(b.encode_prompt(p), greedy(), a) for p, a in plan]
+    run(b.engine, seqs)
+    texts = set()
+    for (p, a), s in zip(plan, seqs):
+        ref = greedy_reference(s.prompt, NEW, adapter_dir=None if a is None else store / a)
+        assert s.tokens == ref, f"{a} on {p!r}"
+        texts.add((p, b.decode(s.tokens)))
+    assert len(texts) > len(PROMPTS) + 2  # the adapters do change what is written
+
+
+def test_chunked_prefill_and_late_joiners_keep_parity():
+    b = load(step_tokens=5, max_running=3)  # prompts of 5-20 tokens prefill over several steps
+    seqs = [GenSeq(b.encode_prompt(p), greedy(), None) for p in PROMPTS * 2]
+    steps = run(b.engine, seqs)
+    for s in seqs:
+        assert s.tokens == greedy_reference(s.prompt, NEW)
+    assert steps > NEW * 2  # three slots for eight sequences: they took turns
+
+
+def test_a_cancelled_sequence_frees_its_slot_for_the_next():
+    b = load(max_running=2)
+    seqs = [GenSeq(b.encode_prompt(p), greedy(), None) for p in PROMPTS[:3]]
+    run(b.engine, seqs, cancel_after=(3, seqs[0]))
+    assert seqs[0].finish == "abort" and len(seqs[0].tokens) < NEW
+    for s in seqs[1:]:  # the third waited for a slot, got the cancelled one's, and is exact
+        assert s.finish in ("stop", "length")
+        assert s.tokens == greedy_reference(s.prompt, NEW)
+
+
+def test_stop_string_ends_the_text_before_it():
+    b = load()
+    prompt = b.encode_prompt(PROMPTS[0])
+    full = b.decode(greedy_reference(prompt, NEW))
+    stop = full.split()[3]  # a word in the middle of what greedy decoding writes
+    s = GenSeq(prompt, SamplingParams(max_tokens=NEW, temperature=0.0, stop=(stop,)), None)
+    deltas = []
+    b.engine.admit([s])
+    while b.engine.busy:
+        deltas += [d for d in b.engine.step() if d.seq is s]
+    text = "".join(d.text for d in deltas)
+    assert s.finish == "stop" and text == full[: full.index(stop)]
+    assert stop not in text
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch():
+    b = load()
+    params = SamplingParams(max_tokens=NEW, temperature=0.9, top_p=0.9, seed=7)
+    alone = GenSeq(b.encode_prompt(PROMPTS[0]), params, None)
+    run(b.engine, [alone])
+    crowd = [GenSeq(b.encode_prompt(p), SamplingParams(max_tokens=NEW, temperature=1.0), None) for p in PROMPTS]
+    again = GenSeq(b.encode_prompt(PROMPTS[0]), params, None)
+    run(b.engine, crowd[:2] + [again] + crowd[2:])
+    assert again.tokens == alone.tokens
+    other = GenSeq(b.encode_prompt(PROMPTS[0]), SamplingParams(max_tokens=NEW, temperature=0.9, top_p=0.9, seed=8), None)
+    run(b.engine, [other])
+    assert other.tokens != alone.tokens
+
+
+def test_a_full_waiting_room_refuses_new_sequences():
+    b = load(max_running=1, max_waiting=1)  # one slot and one place to wait
+    b.engine.admit([GenSeq([1, 5], greedy(), None) for _ in range(2)])
+    with pytest.raises(Overloaded):
+        b.engine.admit([GenSeq([1, 5], greedy(), None)])
