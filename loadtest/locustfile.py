@@ -17,6 +17,11 @@ User classes (pick with ``LORASERVE_USERS``, as ``name:weight`` pairs; default
   ``@onnx-int8``) in turn.
 - ``admin`` (AdminChurnUser): loads a copy of an adapter under its own name, uses it, unloads
   it, again and again (needs the admin key when admin keys are set).
+- ``chat`` (ChatStreamUser): streamed chat completions from the generative base and, half of
+  the time, its adapters by Zipf popularity; each stream is checked (role, text, one finish
+  reason, usage, ``[DONE]``) and its time to first token is a stats entry of its own
+  (``chat:ttft``). ``LORASERVE_GEN_MODEL`` (default ``storyteller``), ``LORASERVE_GEN_ADAPTERS``
+  (default: every adapter on that base), ``LORASERVE_GEN_MAX_TOKENS`` (default 64).
 
 Settings (environment variables):
 
@@ -39,8 +44,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import os
 import random
+import time
 
 from locust import HttpUser, LoadTestShape, between, events, task
 
@@ -257,3 +264,81 @@ def _slo(environment, **_kw) -> None:
     print("SLO " + ("met" if ok else "MISSED") + ":\n  " + "\n  ".join(lines), flush=True)
     if not ok:
         environment.process_exit_code = 1
+
+
+GEN_BASE = os.environ.get("LORASERVE_GEN_MODEL", "storyteller")
+CHAT_ASKS = [
+    "Write a short story about a fox named Leo.",
+    "Write a short story about a duck named Mia.",
+    "Where does Tom the dog like to play?",
+    "Tell me about the kite.",
+]
+_gen_adapters: list[str] | None = None
+
+
+def generation_adapters(client) -> list[str]:
+    """``LORASERVE_GEN_ADAPTERS`` (most popular first), else every adapter on the generative base."""
+    global _gen_adapters
+    if _gen_adapters is None:
+        given = os.environ.get("LORASERVE_GEN_ADAPTERS")
+        if given is not None:
+            _gen_adapters = [a.strip() for a in given.split(",") if a.strip()]
+        else:
+            models = client.get("/v1/models", name="/v1/models").json()["data"]
+            _gen_adapters = [m["id"] for m in models if m.get("parent") == GEN_BASE]
+    return _gen_adapters
+
+
+class ChatStreamUser(_User):
+    """Streams chat completions (the base, and its adapters by Zipf popularity) and checks the
+    stream: a role first, text, one finish reason, usage, ``[DONE]`` last. Time to first token
+    is its own stats entry (``chat:ttft``), next to the whole stream (``chat:stream``)."""
+
+    weight = WEIGHTS.get("chat", 0)
+
+    def on_start(self) -> None:
+        super().on_start()
+        names = generation_adapters(self.client)
+        self.popular = Popularity(names, float(os.environ.get("LORASERVE_ZIPF_S", "1.1")), self.rng)
+        self.max_tokens = int(os.environ.get("LORASERVE_GEN_MAX_TOKENS", "64"))
+
+    @task
+    def chat(self) -> None:
+        model = self.popular.pick() if self.popular.names and self.rng.random() < 0.5 else GEN_BASE
+        body = {"model": model, "messages": [{"role": "user", "content": self.rng.choice(CHAT_ASKS)}],
+                "max_tokens": self.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+        start = time.perf_counter()
+        first = None
+        with self.client.post("/v1/chat/completions", json=body, name="chat:stream", stream=True,
+                              catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"{model}: {r.status_code}: {r.text[:200]}")
+                return
+            chunks, reasons, usage = [], [], None
+            for line in r.iter_lines():
+                if not line or not line.startswith(b"data: "):
+                    continue
+                data = line[6:]
+                if data == b"[DONE]":
+                    chunks.append(None)
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    r.failure(f"{model}: {chunk['error'].get('code')}")
+                    return
+                for c in chunk.get("choices", []):
+                    if first is None and c["delta"].get("content"):
+                        first = time.perf_counter()
+                    if c.get("finish_reason"):
+                        reasons.append(c["finish_reason"])
+                usage = chunk.get("usage") or usage
+                chunks.append(chunk)
+            if not chunks or chunks[-1] is not None:
+                r.failure(f"{model}: the stream did not end with [DONE]")
+            elif len(reasons) != 1 or usage is None or first is None:
+                r.failure(f"{model}: malformed stream ({len(reasons)} finish reasons, usage {usage})")
+            # Locust times a streamed response to its headers; this entry is the whole stream
+            r.request_meta["response_time"] = (time.perf_counter() - start) * 1000
+        if first is not None:
+            self.environment.events.request.fire(request_type="SSE", name="chat:ttft", response_time=(first - start) * 1000,
+                                 response_length=0, exception=None, context={})

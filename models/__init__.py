@@ -28,7 +28,7 @@ from models.errors import (
     VariantNotFound,
     VariantUnavailable,
 )
-from models.spec import AdapterPolicy, BatchingSpec, ModelSpec, Task, VariantName
+from models.spec import AdapterPolicy, BatchingSpec, GenerationSpec, ModelSpec, Task, VariantName
 from models.target import Target
 
 # name -> module that defines it (imported on first access)
@@ -50,6 +50,8 @@ _LAZY = {
     "classifier_head": "models.adapters.weights",
     "served_module_name": "models.adapters.weights",
     "build_tiny_bert": "models.tiny",
+    "GenSeq": "models.decoding.engine",
+    "SamplingParams": "models.decoding.sampling",
 }
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "AdapterPolicy",
     "BatchingSpec",
     "Conflict",
+    "GenerationSpec",
     "InferenceTimeout",
     "InputTooLong",
     "InvalidAdapter",

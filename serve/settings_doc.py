@@ -71,7 +71,7 @@ Rules that follow from this:
   environment variables that hold comma-separated keys.
 
 An example, abridged from deploy/local.yaml (the bundled embedder with all three variants, the
-generative base, the two demo adapters):
+generative base, the three demo adapters):
 
 ```yaml
 proxy_location: HeadOnly
@@ -117,6 +117,7 @@ applications:
         preload:
           - {name: sentiment, base: minilm, path: sentiment}
           - {name: topic, base: minilm, path: topic}
+          - {name: ending, base: storyteller, path: ending}
 ```
 
 Each table below lists a field's YAML key, its type (with bounds), its default and what it

@@ -1,11 +1,12 @@
 """Iteration-level (continuous) batching of a causal LM across LoRA adapters, on one thread.
 
-``DecodeEngine.step`` is one iteration: drop cancelled sequences, one decode pass over every
-running sequence (one new token each, each row through its own adapter's slot of the stacked
-LoRA matrices, ``models.lora_slots``), then prefill waiting prompts in chunks with what is left
-of the step's token budget. A sequence whose prompt is fully prefilled gets its first token in
-the same step and decodes from the next one; finished sequences leave at once and their slots
-are refilled. So a request joins the running batch at the next step, a long prompt never stalls
+``DecodeEngine.step`` is one iteration: drop cancelled sequences; one prefill pass over the next
+chunks of waiting prompts (left-padded rows, within the step's token budget less one token per
+running sequence); then one decode pass over every running sequence (one new token each). Every
+row goes through its own adapter's slot of the stacked LoRA matrices (``models.lora_slots``). A
+sequence whose prompt is fully prefilled gets its first token from the prefill pass and its
+second from the decode pass of the same step; finished sequences leave at once and their slots
+are refilled. Prefill first: a new request's first token waits for at most the step in flight. So a request joins the running batch at the next step, a long prompt never stalls
 the running streams for more than one chunk, and rows of different adapters share every pass.
 
 The engine is synchronous and Ray-free: the serving layer (``serve.server.decoding``) calls
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +72,7 @@ class DecodeEngine:
         self.max_waiting = max_waiting
         self.step_tokens = step_tokens  # decode rows + prefill tokens per step (at least one chunk)
         self.eos = frozenset(eos)
-        self.cache = SlotKVCache(max_running, context)
+        self.cache = SlotKVCache(max_running, context, scratch=step_tokens)
         self.running: list[GenSeq] = []  # slot i holds running[i]
         self.prefilling: list[GenSeq] = []  # slots after the running ones, in order
         self.waiting: collections.deque[GenSeq] = collections.deque()
@@ -108,14 +109,19 @@ class DecodeEngine:
 
     # -- one iteration ------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, cancel: Iterable[int] = ()) -> list[Delta]:
+    def step(self, cancel: Iterable[int] = (), early: Callable[[list[Delta]], None] | None = None) -> list[Delta]:
+        """One iteration; returns its deltas. ``early`` gets the prefill pass's deltas (first
+        tokens) as soon as that pass ends, before the decode pass runs."""
         out: list[Delta] = []
         cancel = set(cancel)
         if cancel:
             self._cancel(cancel, out)
+        self._prefill(out)  # first: a waiting request's first token does not wait for a decode pass
+        if early is not None and out:
+            early(out)
+            out = []
         if self.running:
             self._decode(out)
-        self._prefill(out)
         self.steps += 1
         return out
 
@@ -133,12 +139,8 @@ class DecodeEngine:
 
     def _decode(self, out: list[Delta]) -> None:
         rows = self.running
-        mask = self.cache.decode([s.cached for s in rows])
-        ids = torch.tensor([s.tokens[-1] for s in rows], dtype=torch.long)[:, None]
-        positions = torch.tensor([s.cached for s in rows], dtype=torch.long)[:, None]
-        logits = self._forward(ids, positions, mask, [s.adapter for s in rows])  # [rows, vocab]
-        for s in rows:
-            s.cached += 1
+        ids = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long)
+        logits = self._forward(0, rows, ids, [1] * len(rows))
         chosen = next_tokens(logits, [s.params for s in rows], [s.generator for s in rows])
         done = False
         for s, token in zip(rows, chosen):
@@ -149,39 +151,48 @@ class DecodeEngine:
             self._compact()
 
     def _prefill(self, out: list[Delta]) -> None:
-        budget = max(self.step_tokens - len(self.running), 1)
-        while budget > 0:
-            if not self.prefilling:
-                if not self.waiting or len(self.running) + len(self.prefilling) >= self.max_running:
-                    return
-                s = self.waiting.popleft()
-                s.slot = len(self.running) + len(self.prefilling)
-                self.prefilling.append(s)
-            s = self.prefilling[0]
+        """The next chunk of every prompt in prefill, in one pass, within the step's budget."""
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_running:
+            s = self.waiting.popleft()
+            s.slot = len(self.running) + len(self.prefilling)
+            self.prefilling.append(s)
+        budget = max(self.step_tokens - len(self.running), 1)  # the decode pass takes one per row
+        rows, qs = [], []
+        for s in self.prefilling:  # in slot order: the rows are a contiguous run of slots
             q = min(budget, len(s.prompt) - s.cached)
+            if q <= 0:
+                break
+            rows.append(s)
+            qs.append(q)
             budget -= q
-            mask = self.cache.prefill(s.slot, s.cached, q)
-            ids = torch.tensor([s.prompt[s.cached:s.cached + q]], dtype=torch.long)
-            positions = torch.arange(s.cached, s.cached + q)[None]
-            logits = self._forward(ids, positions, mask, [s.adapter])
-            s.cached += q
-            if s.cached < len(s.prompt):
-                continue  # the rest of the prompt in the next step
-            self.prefilling.pop(0)
-            token = next_tokens(logits, [s.params], [s.generator])[0]
+        if not rows:
+            return
+        width = max(qs)
+        ids = torch.tensor([[0] * (width - q) + s.prompt[s.cached:s.cached + q] for s, q in zip(rows, qs)],
+                           dtype=torch.long)
+        logits = self._forward(rows[0].slot, rows, ids, qs)
+        complete = [(i, s) for i, s in enumerate(rows) if s.cached == len(s.prompt)]
+        if not complete:
+            return
+        chosen = next_tokens(logits[[i for i, _ in complete]], [s.params for _, s in complete],
+                             [s.generator for _, s in complete])
+        for (_, s), token in zip(complete, chosen):
             out.append(self._emit(s, token))
+            self.prefilling.remove(s)
             if s.finish is None:
-                self.running.append(s)  # its slot is len(running) already
-            else:
-                self._compact()
+                self.running.append(s)
+        self._compact()
 
-    def _forward(self, ids, positions, mask, adapters) -> torch.Tensor:
-        with self.lora.rows(adapters):
+    def _forward(self, first: int, rows: list[GenSeq], ids: torch.Tensor, qs: list[int]) -> torch.Tensor:
+        """One pass over slots ``first ..`` (``ids`` left-padded); next-token logits per row."""
+        mask, positions = self.cache.rows(first, [s.cached for s in rows], qs)
+        with self.lora.rows([s.adapter for s in rows]):
             result = self.model(
-                input_ids=ids, position_ids=positions, attention_mask=mask,
-                past_key_values=self.cache, cache_position=positions[0], use_cache=True,
-                logits_to_keep=1,
+                input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=self.cache,
+                cache_position=positions[0], use_cache=True, logits_to_keep=1,
             )
+        for s, q in zip(rows, qs):
+            s.cached += q
         return result.logits[:, -1]  # [rows, vocab]
 
     def _emit(self, s: GenSeq, token: int) -> Delta:
@@ -203,9 +214,12 @@ class DecodeEngine:
         return Delta(s, text, token, finish)
 
     def _compact(self) -> None:
-        """Running sequences back into slots ``0..``, prefilling ones right after them."""
+        """Running sequences into slots ``0..``, prefilling ones right after them."""
+        moves = []
         for want, s in enumerate(itertools.chain(self.running, self.prefilling)):
             if s.slot != want:
                 if s.cached:
-                    self.cache.move(s.slot, want, s.cached)
+                    moves.append((s.slot, want, s.cached))
                 s.slot = want
+        if moves:
+            self.cache.move(moves)

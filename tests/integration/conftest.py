@@ -147,6 +147,7 @@ def _serve_config(tiny_models, store: Path, state_dir: Path) -> dict:
                         "preload": [
                             {"name": "sentiment", "base": "minilm", "path": "sentiment"},
                             {"name": "topic", "base": "minilm", "path": "topic"},
+                            {"name": "ending", "base": "storyteller", "path": "ending"},
                         ],
                         "sync_timeout_s": 10,
                     },

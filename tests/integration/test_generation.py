@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import STORYTELLER, greedy_reference
+from tests.integration.conftest import REPO
 from tests.integration.test_metrics import scrape, series
 from tests.waiting import wait_until
 
@@ -41,24 +42,32 @@ def expected(tokenizer, adapter_store, prompt, adapter, max_tokens):
     return tokenizer.decode(ref, skip_special_tokens=True)
 
 
-def test_openai_client_streams_chat_from_the_base_and_its_adapter(service, gen_adapter):
+def test_openai_client_streams_chat_from_the_base_and_its_adapter(service):
+    """The shipped demo adapter ``ending`` (preloaded) answers how a held-out story ends in its
+    trained form; the bare base, asked the same, does not."""
+    import json
+
+    row = json.loads((REPO / "models/data/endings/test.jsonl").read_text().splitlines()[0])
+    ask = row["messages"][:1]
     client = openai.OpenAI(base_url=f"{service.base_url}/v1", api_key="unused", max_retries=0)
     texts = {}
-    for model in ("storyteller", gen_adapter):
+    for model in ("storyteller", "ending"):
         chunks = list(client.chat.completions.create(
-            model=model, messages=CHAT, max_tokens=40, temperature=0, stream=True,
+            model=model, messages=ask, max_tokens=40, temperature=0, stream=True,
             stream_options={"include_usage": True}))
         content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         assert chunks[0].choices[0].delta.role == "assistant"
         assert content.strip() and reasons in (["stop"], ["length"]), (content, reasons)
         use = chunks[-1].usage
-        assert use.prompt_tokens > 10 and 0 < use.completion_tokens <= 40
+        assert use.prompt_tokens > 50 and 0 < use.completion_tokens <= 40
         assert use.total_tokens == use.prompt_tokens + use.completion_tokens
         texts[model] = content
-    assert texts["storyteller"] != texts[gen_adapter]
-    whole = client.chat.completions.create(model="storyteller", messages=CHAT, max_tokens=40, temperature=0)
-    assert whole.choices[0].message.content == texts["storyteller"]  # streamed = not streamed
+    name = row["messages"][1]["content"].split()[0]
+    assert texts["ending"].startswith(f"{name} felt ") and texts["ending"].count(".") == 1, texts
+    assert " felt " not in texts["storyteller"][:len(name) + 8], texts
+    whole = client.chat.completions.create(model="ending", messages=ask, max_tokens=40, temperature=0)
+    assert whole.choices[0].message.content == texts["ending"]  # streamed = not streamed
 
 
 def test_greedy_completions_equal_generate_for_the_base_and_the_adapter(client, gen_adapter, tokenizer, adapter_store):
@@ -214,3 +223,18 @@ def test_invalid_generation_parameters_answer_400_and_the_next_request_succeeds(
     assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
     after = client.post(C, json=GOOD)
     assert after.status_code == 200 and after.json()["choices"][0]["text"]
+
+
+def test_locust_chat_user_streams_and_reports_time_to_first_token(service, gen_adapter, tmp_path):
+    import csv
+
+    from tests.integration.test_adapters import _locust
+
+    env = {"LORASERVE_USERS": "chat:1", "LORASERVE_GEN_ADAPTERS": gen_adapter, "LORASERVE_GEN_MAX_TOKENS": "16"}
+    done = _locust(service, tmp_path, env)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+    rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "run_stats.csv"))}
+    assert int(rows["Aggregated"]["Failure Count"]) == 0, open(tmp_path / "run_failures.csv").read()
+    for name in ("chat:stream", "chat:ttft"):
+        assert int(rows[name]["Request Count"]) > 0, (name, sorted(rows))
+    assert float(rows["chat:ttft"]["Median Response Time"]) <= float(rows["chat:stream"]["Median Response Time"])

@@ -1,4 +1,4 @@
-"""`make adapters` rebuilds the shipped demo adapters byte for byte: both are retrained into a
+"""`make adapters` rebuilds the shipped demo adapters byte for byte: each is retrained into a
 temporary folder (with the pinned CPU kernels of models/training/demo.py) and the sha256 of each
 adapter_model.safetensors must equal the shipped file's. Run by `make reproduce` (minutes of
 training; `make test` runs the quick determinism check in tests/model/test_finetune.py)."""
@@ -15,7 +15,7 @@ from models.sources import sha256_file
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["sentiment", "topic"])
+@pytest.mark.parametrize("name", ["sentiment", "topic", "ending"])
 def test_make_adapters_rebuilds_the_shipped_weights(tmp_path, name):
     out = subprocess.run([sys.executable, "-m", "models.training.demo", "--out", str(tmp_path), "--only", name],
                          cwd=REPO, capture_output=True, text=True, timeout=3600)

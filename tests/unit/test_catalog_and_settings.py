@@ -152,3 +152,14 @@ def test_ray_token_file_is_made_private(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     secure_token_file()
     assert token.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_generative_model_serves_torch_colocated_only():
+    gen = {"id": "tale", "source": "x", "task": "generate"}
+    assert ModelSpec(**gen).generation.max_running == 32
+    with pytest.raises(ValidationError, match="variant only"):
+        ModelSpec(**gen, variants=("torch", "onnx"))
+    with pytest.raises(ValidationError, match="runs colocated"):
+        AppSettings.model_validate({"models": [{**gen, "placement": "separate"}]})
+    with pytest.raises(ValidationError):
+        ModelSpec(**gen, generation={"max_running": 0})

@@ -1,0 +1,244 @@
+"""Generation throughput and latency: one ``generate`` per request, static batches, our continuous
+batching and transformers' own, at several concurrencies, with 1 adapter and with 8.
+
+    .venv/bin/python -m loadtest.bench_generation            # about 30 minutes on 2 cores
+    .venv/bin/python -m loadtest.bench_generation --quick    # smoke run
+
+In process, one Python process with ``--threads`` torch threads (the machine's cores), so the
+four engines get the same CPU; closed loop: ``c`` client threads each send a request, wait for
+its last token, and send the next. Every request is a chat prompt for the default base
+(``storyteller``) asking for a short story, greedy, at most ``--max-tokens`` tokens: all engines
+compute the same tokens. Figures per (engine, adapters, concurrency): output tokens per second,
+time to first token (TTFT) p50 and p99 from submission, time per output token (TPOT, per
+request: time after its first token over the tokens after it) p50; median of ``--reps``
+repetitions with the spread. Adapters: 8 LoRA adapters (rank 8, q/k/v/o) with seeded random
+weights; the 8-adapter runs give each request the next adapter in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from loadtest import report
+from loadtest.report import Stat, fmt, say
+
+NAME, MODULE = "generation", "loadtest.bench_generation"
+TITLE = "Generation: continuous batching across adapters against the usual recipes (in process)"
+ENGINES = ("per_request", "static", "continuous", "hf_continuous")
+LABELS = {"per_request": "one generate per request", "static": "static batches",
+          "continuous": "continuous batching (ours)", "hf_continuous": "transformers continuous batching"}
+
+
+PROBES: list[list[int]] = []  # prompts the transformers engine must get right first (set in main)
+
+
+def make_adapters(base: Path, root: Path, n: int) -> list[str]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    names = []
+    for i in range(n):
+        torch.manual_seed(1000 + i)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                               LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0.0, 0.05)
+        model.save_pretrained(root / f"a{i}", safe_serialization=True)
+        names.append(f"a{i}")
+    return names
+
+
+ANIMALS = ["cat", "dog", "rabbit", "fox", "bear", "duck", "mouse", "owl", "frog", "pig", "horse", "bird"]
+NAMES = ["Mia", "Tom", "Lily", "Ben", "Zoe", "Max", "Anna", "Leo", "Sara", "Sam", "Ella", "Finn", "Nora"]
+STORYTELLER = "package:models.generative.storyteller"
+
+
+def prompts(tokenizer, n: int) -> list[list[int]]:
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        ask = f"Write a short story about a {rng.choice(ANIMALS)} named {rng.choice(NAMES)}."
+        out.append(list(tokenizer.apply_chat_template([{"role": "user", "content": ask}],
+                                                      add_generation_prompt=True, tokenize=True)))
+    return out
+
+
+def build(kind: str, base: Path, store: Path, names: list[str], mixed: bool, max_tokens: int):
+    """The engine of ``kind``; ``mixed``: 8 adapters unmerged, else adapter a0 (merged, except ours)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loadtest import gen_engines as g
+
+    if kind == "continuous":
+        from models import ModelSpec, base_weight_shapes, create_backend, validate_adapter
+
+        spec = ModelSpec(id="storyteller", source=str(base), task="generate",
+                         generation={"max_running": 32, "step_tokens": 128})
+        b = create_backend(spec, "torch")
+        b.load()
+        for n in names if mixed else names[:1]:
+            check = validate_adapter(n, [store], base_shapes=base_weight_shapes(base), task="generate", max_rank=64)
+            b.add_adapter(n, check, "generate")
+        return g.Continuous(b)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    if mixed:
+        model = PeftModel.from_pretrained(model, store / names[0], adapter_name=names[0]).eval()
+        for n in names[1:]:
+            model.load_adapter(store / n, adapter_name=n)
+    else:
+        model = PeftModel.from_pretrained(model, store / names[0]).merge_and_unload().eval()
+    if kind == "per_request":
+        return g.PerRequest(model, eos, pad, mixed)
+    if kind == "static":
+        return g.StaticBatch(model, eos, pad, mixed)
+    if mixed:
+        raise NotImplementedError("transformers' continuous batching has no per-request adapter")
+    problem = g.hf_continuous_problem(model, eos, pad, PROBES)
+    if problem:
+        raise NotImplementedError(problem)
+    return g.HFContinuous(model, eos, pad, max_tokens)
+
+
+def closed_loop(engine, reqs: list, concurrency: int) -> dict:
+    """``concurrency`` clients share ``reqs`` in order, one request at a time each. Each client's
+    first request is warm-up, not counted: the clients all start in the same millisecond, a burst
+    no steady load has; figures cover the requests sent after it."""
+    it = iter(reqs)
+    lock = threading.Lock()
+    counted = []
+
+    def client():
+        first = True
+        while True:
+            with lock:
+                r = next(it, None)
+            if r is None:
+                return
+            r.t_submit = time.perf_counter()
+            engine.submit(r)
+            if not r.done.wait(600):
+                raise TimeoutError("a request did not finish in 600 s")
+            if not first:
+                counted.append(r)
+            first = False
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = max(r.t_end for r in counted) - min(r.t_submit for r in counted)
+    ttft = sorted((r.t_first - r.t_submit) * 1000 for r in counted if r.t_first is not None)
+    tpot = sorted((r.t_end - r.t_first) * 1000 / (r.tokens - 1) for r in counted if r.tokens > 1)
+    pick = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"tokens_per_s": sum(r.tokens for r in counted) / wall, "ttft_p50_ms": pick(ttft, 0.5),
+            "ttft_p99_ms": pick(ttft, 0.99), "tpot_p50_ms": pick(tpot, 0.5), "requests": len(counted),
+            "tokens": sum(r.tokens for r in counted)}
+
+
+def run_point(engine, pool: list, concurrency: int, per_client: int, names: list[str], mixed: bool, max_tokens: int):
+    from loadtest.gen_engines import Req
+
+    n = concurrency * (per_client + 1)  # + each client's warm-up request
+    reqs = [Req(pool[i % len(pool)], names[i % len(names)] if mixed else names[0], max_tokens) for i in range(n)]
+    return closed_loop(engine, reqs, concurrency)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--concurrency", default="1,8,16,32")
+    p.add_argument("--per-client", type=int, default=4, help="counted requests per client thread per figure")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--output", default=None)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.reps, a.per_client, a.concurrency = 1, 1, "1,8"
+    elif a.reps < 3:
+        p.error("--reps must be >= 3; use --quick for a smoke run")
+    import torch
+    from transformers import AutoTokenizer
+
+    from models import resolve_source
+
+    torch.set_num_threads(a.threads)
+    base = resolve_source(STORYTELLER)
+    levels = [int(c) for c in a.concurrency.split(",")]
+    engines = [e for e in a.engines.split(",") if e]
+    results: dict = {}
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
+        store = Path(tmp)
+        names = make_adapters(base, store, 8)
+        pool = prompts(AutoTokenizer.from_pretrained(base), 64)
+        PROBES[:] = pool[:2]
+        for rep in range(a.reps):
+            for mixed in (False, True):
+                order = engines if rep % 2 == 0 else engines[::-1]
+                for kind in order:
+                    key = f"{kind}/{'8' if mixed else '1'}"
+                    try:
+                        engine = build(kind, base, store, names, mixed, a.max_tokens).start()
+                    except Exception as exc:  # recorded: why this engine cannot run this case
+                        skipped[key] = f"{type(exc).__name__}: {exc}"[:300]
+                        continue
+                    try:
+                        run_point(engine, pool, 2, 1, names, mixed, a.max_tokens)  # warm-up
+                        for c in levels:
+                            got = run_point(engine, pool, c, a.per_client, names, mixed, a.max_tokens)
+                            results.setdefault(key, {}).setdefault(str(c), []).append(got)
+                            say(f"rep {rep + 1} {key} c{c}: {got['tokens_per_s']:.0f} tok/s, "
+                                f"TTFT p50 {got['ttft_p50_ms']:.1f} p99 {got['ttft_p99_ms']:.1f} ms")
+                    finally:
+                        engine.stop()
+    body = render(results, skipped, levels, engines)
+    notes = [f"one process, {a.threads} torch threads; closed loop, {a.per_client} counted requests per client "
+             "per figure after one warm-up request each (the clients start together: that burst is not "
+             "counted); tokens/s over the counted requests' span; greedy, at most {a.max_tokens} new tokens; engines in alternating order per repetition",
+             "1 adapter: the baselines run it merged into the weights; ours keeps it in a slot",
+             "8 adapters: requests cycle through them; per request peft set_adapter (one generate per "
+             "request), peft adapter_names (static batches), slots (ours)"]
+    facts = report.machine(argv, MODULE, a.reps)
+    md, js = report.write(NAME, TITLE, facts, notes, body, {"args": vars(a), "raw": results, "skipped": skipped},
+                          a.quick, a.output)
+    say(f"written to {report.rel(md)} and {report.rel(js)}")
+    return 0
+
+
+def render(results: dict, skipped: dict, levels: list[int], engines: list[str]) -> str:
+    lines = []
+    for mixed in ("1", "8"):
+        lines += ["", f"## {mixed} adapter{'s' if mixed == '8' else ''}", "",
+                  "| engine | concurrency | output tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for kind in engines:
+            key = f"{kind}/{mixed}"
+            if key in skipped and key not in results:
+                lines.append(f"| {LABELS[kind]} | - | not run: {skipped[key]} | | | |")
+                continue
+            for c in levels:
+                runs = results.get(key, {}).get(str(c), [])
+                col = lambda k, d=1, runs=runs: fmt(Stat.of([r[k] for r in runs]), d)  # noqa: E731
+                lines.append(f"| {LABELS[kind]} | {c} | {col('tokens_per_s', 0)} | {col('ttft_p50_ms')} | "
+                             f"{col('ttft_p99_ms')} | {col('tpot_p50_ms', 2)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
