@@ -156,7 +156,36 @@ def run_point(engine, pool: list, concurrency: int, per_client: int, names: list
     return closed_loop(engine, reqs, concurrency)
 
 
+def worker(a) -> dict:
+    """One (engine, adapters) case in this fresh process: every concurrency level, as JSON."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from models import resolve_source
+
+    torch.set_num_threads(a.threads)
+    base, store = resolve_source(STORYTELLER), Path(a.store)
+    names = sorted(p.name for p in store.iterdir())
+    pool = prompts(AutoTokenizer.from_pretrained(base), 64)
+    PROBES[:] = pool[:2]
+    try:
+        engine = build(a.worker, base, store, names, a.mixed, a.max_tokens).start()
+    except Exception as exc:  # recorded: why this engine cannot run this case
+        return {"skipped": f"{type(exc).__name__}: {exc}"[:500]}
+    out = {}
+    try:
+        run_point(engine, pool, 2, 1, names, a.mixed, a.max_tokens)  # warm-up
+        for c in [int(x) for x in a.concurrency.split(",")]:
+            out[str(c)] = run_point(engine, pool, c, a.per_client, names, a.mixed, a.max_tokens)
+    finally:
+        engine.stop()
+    return {"levels": out}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import json
+    import subprocess
+
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -167,50 +196,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--output", default=None)
+    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--mixed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    p.add_argument("--make-adapters", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.make_adapters:
+        from models import resolve_source
+
+        make_adapters(resolve_source(STORYTELLER), Path(a.make_adapters), 8)
+        return 0
+    if a.worker:
+        print(json.dumps(worker(a)))
+        return 0
     if a.quick:
         a.reps, a.per_client, a.concurrency = 1, 1, "1,8"
     elif a.reps < 3:
         p.error("--reps must be >= 3; use --quick for a smoke run")
-    import torch
-    from transformers import AutoTokenizer
-
-    from models import resolve_source
-
-    torch.set_num_threads(a.threads)
-    base = resolve_source(STORYTELLER)
     levels = [int(c) for c in a.concurrency.split(",")]
     engines = [e for e in a.engines.split(",") if e]
     results: dict = {}
     skipped: dict[str, str] = {}
+    child = [sys.executable, "-m", MODULE, "--threads", str(a.threads), "--concurrency", a.concurrency,
+             "--per-client", str(a.per_client), "--max-tokens", str(a.max_tokens)]
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
-        store = Path(tmp)
-        names = make_adapters(base, store, 8)
-        pool = prompts(AutoTokenizer.from_pretrained(base), 64)
-        PROBES[:] = pool[:2]
+        subprocess.run([*child, "--make-adapters", tmp], check=True)
         for rep in range(a.reps):
             for mixed in (False, True):
-                order = engines if rep % 2 == 0 else engines[::-1]
-                for kind in order:
+                for kind in engines if rep % 2 == 0 else engines[::-1]:
                     key = f"{kind}/{'8' if mixed else '1'}"
-                    try:
-                        engine = build(kind, base, store, names, mixed, a.max_tokens).start()
-                    except Exception as exc:  # recorded: why this engine cannot run this case
-                        skipped[key] = f"{type(exc).__name__}: {exc}"[:300]
+                    run = subprocess.run([*child, "--worker", kind, "--store", tmp, *(["--mixed"] * mixed)],
+                                         capture_output=True, text=True, check=True)
+                    got = json.loads(run.stdout.strip().splitlines()[-1])
+                    if "skipped" in got:
+                        skipped[key] = got["skipped"]
                         continue
-                    try:
-                        run_point(engine, pool, 2, 1, names, mixed, a.max_tokens)  # warm-up
-                        for c in levels:
-                            got = run_point(engine, pool, c, a.per_client, names, mixed, a.max_tokens)
-                            results.setdefault(key, {}).setdefault(str(c), []).append(got)
-                            say(f"rep {rep + 1} {key} c{c}: {got['tokens_per_s']:.0f} tok/s, "
-                                f"TTFT p50 {got['ttft_p50_ms']:.1f} p99 {got['ttft_p99_ms']:.1f} ms")
-                    finally:
-                        engine.stop()
+                    for c, point in got["levels"].items():
+                        results.setdefault(key, {}).setdefault(c, []).append(point)
+                        say(f"rep {rep + 1} {key} c{c}: {point['tokens_per_s']:.0f} tok/s, "
+                            f"TTFT p50 {point['ttft_p50_ms']:.1f} p99 {point['ttft_p99_ms']:.1f} ms")
     body = render(results, skipped, levels, engines)
-    notes = [f"one process, {a.threads} torch threads; closed loop, {a.per_client} counted requests per client "
-             "per figure after one warm-up request each (the clients start together: that burst is not "
-             "counted); tokens/s over the counted requests' span; greedy, at most {a.max_tokens} new tokens; engines in alternating order per repetition",
+    notes = [f"a fresh process per engine, adapter case and repetition, {a.threads} torch threads; closed loop, "
+             f"{a.per_client} counted requests per client per figure after one warm-up request each (the clients "
+             "start together: that burst is not counted); tokens/s over the counted requests' span; greedy, at "
+             f"most {a.max_tokens} new tokens; engines in alternating order per repetition",
              "1 adapter: the baselines run it merged into the weights; ours keeps it in a slot",
              "8 adapters: requests cycle through them; per request peft set_adapter (one generate per "
              "request), peft adapter_names (static batches), slots (ours)"]
