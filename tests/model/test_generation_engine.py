@@ -124,3 +124,34 @@ def test_a_full_waiting_room_refuses_new_sequences():
     b.engine.admit([GenSeq([1, 5], greedy(), None) for _ in range(2)])
     with pytest.raises(Overloaded):
         b.engine.admit([GenSeq([1, 5], greedy(), None)])
+
+
+def test_other_causal_lm_families_decode_exactly_as_generate(tmp_path):
+    """A Qwen2 and a GPT-2 checkpoint (tiny, seeded, random weights; the storyteller's tokenizer)
+    are served by the same engine with greedy tokens equal to ``model.generate``'s."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(STORYTELLER)
+    torch.manual_seed(0)
+    families = {
+        "qwen2": Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=True)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_positions=256, n_embd=64, n_layer=2, n_head=2,
+                                           bos_token_id=1, eos_token_id=2)),
+    }
+    for name, model in families.items():
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+        tok.save_pretrained(tmp_path / name)
+        spec = ModelSpec(id=name, source=str(tmp_path / name), task="generate", generation={"step_tokens": 8})
+        b = create_backend(spec, "torch")
+        b.load()
+        prompts = [tok(p)["input_ids"] for p in PROMPTS]
+        seqs = [GenSeq(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), None) for p in prompts]
+        run(b.engine, seqs)
+        for p, s in zip(prompts, seqs):
+            ref = model.eval().generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                        pad_token_id=0)[0, len(p):].tolist()
+            assert s.tokens == ref, name
