@@ -121,6 +121,23 @@ class SlotLinear(torch.nn.Module):
         return y
 
 
+class SlotAdapters:
+    """The ``Backend`` adapter methods of a torch backend whose adapters live in ``self.lora``
+    (a ``LoraEncoder``); loads may run beside forward passes (see ``LoraEncoder``)."""
+
+    concurrent_adapter_updates = True
+    lora: LoraEncoder
+
+    def add_adapter(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...] = ()) -> None:
+        self.lora.add(name, check, task, labels)
+
+    def remove_adapter(self, name: str) -> None:
+        self.lora.remove(name)
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self.lora.tasks)
+
+
 class LoraEncoder(SlotBook):
     """The served encoder plus its adapters in slots.
 

@@ -14,16 +14,14 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from models.adapters import AdapterCheck
 from models.backend import Backend, max_input_tokens
 from models.errors import ModelLoadError, TaskNotSupported
-from models.lora_slots import Head, LoraEncoder
+from models.lora_slots import Head, LoraEncoder, SlotAdapters
 from models.tokenization import InputEncoder
 
 
-class TorchBackend(Backend):
+class TorchBackend(SlotAdapters, Backend):
     variant = "torch"
-    concurrent_adapter_updates = True  # slots: see models.lora_slots.LoraEncoder
 
     def load(self) -> None:
         if self.spec.torch_threads:
@@ -50,15 +48,6 @@ class TorchBackend(Backend):
         _column_major_linear_weights(encoder)
         self.lora = LoraEncoder(encoder.eval(), slots=self.spec.adapters.adapters_per_replica)
         self.encoder = InputEncoder(tokenizer, max_input_tokens(self.spec, self.path, tokenizer, config))
-
-    def add_adapter(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...] = ()) -> None:
-        self.lora.add(name, check, task, labels)
-
-    def remove_adapter(self, name: str) -> None:
-        self.lora.remove(name)
-
-    def loaded_adapters(self) -> list[str]:
-        return list(self.lora.tasks)
 
     @torch.inference_mode()
     def predict(

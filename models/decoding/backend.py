@@ -14,16 +14,14 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from models.adapters import AdapterCheck
 from models.backend import Backend, max_input_tokens
 from models.decoding.engine import DecodeEngine
 from models.errors import InvalidRequest, ModelLoadError, TaskNotSupported
-from models.lora_slots import LoraEncoder
+from models.lora_slots import LoraEncoder, SlotAdapters
 
 
-class GenerativeBackend(Backend):
+class GenerativeBackend(SlotAdapters, Backend):
     variant = "torch"
-    concurrent_adapter_updates = True  # slots: see models.lora_slots.LoraEncoder
 
     def load(self) -> None:
         if self.spec.torch_threads:
@@ -78,15 +76,6 @@ class GenerativeBackend(Backend):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- adapters ---------------------------------------------------------------------------------
-    def add_adapter(self, name: str, check: AdapterCheck, task: str, labels: tuple[str, ...] = ()) -> None:
-        self.lora.add(name, check, task, labels)
-
-    def remove_adapter(self, name: str) -> None:
-        self.lora.remove(name)
-
-    def loaded_adapters(self) -> list[str]:
-        return list(self.lora.tasks)
-
     def predict(self, rows, adapters=None):
         raise TaskNotSupported(f"model {self.spec.id!r} generates text; it has no embeddings or classes")
 

@@ -76,7 +76,6 @@ class DecodeEngine:
         self.running: list[GenSeq] = []  # slot i holds running[i]
         self.prefilling: list[GenSeq] = []  # slots after the running ones, in order
         self.waiting: collections.deque[GenSeq] = collections.deque()
-        self.steps = 0
 
     # -- admission (any thread may call ``admit`` between steps; the server serializes) ----------
     def admit(self, seqs: list[GenSeq]) -> None:
@@ -122,7 +121,6 @@ class DecodeEngine:
             out = []
         if self.running:
             self._decode(out)
-        self.steps += 1
         return out
 
     def _cancel(self, ids: set[int], out: list[Delta]) -> None:

@@ -8,7 +8,8 @@ dialogue of its own; an adapter that learned the task reads the two facts out of
 which exact match on held-out stories measures.
 
 A first version asked for ``"<name> the <animal> wanted <wish>."``: the adapter learned the form
-and the name but not the animal or the wish (exact match 0 on held-out stories): this 3.7M
+and the name but not the animal or the wish (exact match 0 on held-out stories, in a run whose
+adapter was not kept): this 3.7M
 base does not retrieve facts from the middle of a story well, so the task asks for what the
 story repeats (the name) and what it says last (the feeling).
 

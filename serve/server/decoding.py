@@ -51,10 +51,6 @@ class Stream:
                 self._end()
         return item
 
-    @property
-    def done(self) -> bool:
-        return self._open == 0
-
     def close(self) -> None:
         """Cancel every sequence of this stream that has not finished (idempotent)."""
         if self._open:
@@ -79,7 +75,6 @@ class DecodeLoop:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._busy_since: float | None = None
-        self.steps = 0
 
     def submit(self, seqs: Sequence[GenSeq]) -> Stream:
         e = self.engine
@@ -141,7 +136,6 @@ class DecodeLoop:
                 self._fail(exc)
                 continue
             self._busy_since = None
-            self.steps += 1
             now = time.perf_counter()
             self._deliver(deltas)
             if self._observer is not None:

@@ -42,10 +42,6 @@ class GenerativeServer(ModelServer):
         self.decoder = DecodeLoop(backend.engine, self._observer, name=f"{self.spec.id}-decode")
         return self
 
-    @property
-    def context(self) -> int:
-        return self._ready().context
-
     async def generate(
         self, prompts: Sequence[list[int]], ask: Ask, adapter: AdapterRef | None = None,
         timeout_s: float = 30.0,

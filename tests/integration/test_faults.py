@@ -12,7 +12,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from serve.processes import cmdline, descendants
+from serve.processes import cmdline, descendants, proc_stat
 from tests.integration.conftest import service_config, start_up
 from tests.integration.load import CLIENTS, Load
 from tests.waiting import wait_until
@@ -23,6 +23,16 @@ ROUTER = "ray::ServeReplica:loraserve:Router"
 def routers(up) -> list[int]:
     """PIDs of this service's Router replicas (its own process tree, not another service's)."""
     return sorted(pid for pid in descendants(up.pid) if cmdline(pid).startswith(ROUTER))
+
+
+def busiest_router(up) -> int:
+    """The Router replica that has used the most CPU: one that is serving. (Not the lowest PID:
+    PIDs wrap, and once a replacement replica was seen created but never initialized by Serve,
+    so the lowest PID was a replica that served nothing and was never health-checked.)"""
+    def cpu(pid: int) -> int:
+        f = proc_stat(pid)
+        return int(f[11]) + int(f[12]) if f else -1  # utime + stime (fields 14, 15 of /proc/pid/stat)
+    return max(routers(up), key=cpu)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +114,9 @@ def test_full_queue_answers_503_with_retry_after_at_once(faulty):
 
 def test_wedged_replica_is_replaced(faulty):
     proc, base_url = faulty
-    victim = routers(proc)[0]
+    with Load(base_url, timeout_s=15):
+        time.sleep(2)  # both replicas serve, so both have CPU time
+    victim = busiest_router(proc)
     os.kill(victim, signal.SIGSTOP)  # a forward pass that holds the GIL and never returns looks like this
     stopped_at = time.monotonic()
     try:
