@@ -158,9 +158,10 @@ class Continuous(_Worker):
 
         owner: dict[int, Req] = {}
         stopping = False
-        while not (stopping and not self.engine.busy):
+
+        def intake(block: bool = False) -> None:  # as the service's decode loop: also between passes
+            nonlocal stopping
             new = []
-            block = not self.engine.busy and not stopping
             while True:
                 try:
                     r = self.q.get(block=block)
@@ -176,6 +177,10 @@ class Continuous(_Worker):
             if new:
                 self.engine.admit(new)
 
+        while not (stopping and not self.engine.busy):
+            if not self.engine.busy and not stopping:
+                intake(block=True)
+
             def deliver(deltas):
                 for d in deltas:
                     r = owner[d.seq.id]
@@ -185,7 +190,7 @@ class Continuous(_Worker):
                         r.finish()
                         del owner[d.seq.id]
 
-            deliver(self.engine.step(early=deliver))  # first tokens as the service sends them
+            deliver(self.engine.step(early=deliver, intake=intake))  # first tokens as the service sends them
 
 
 class HFContinuous:

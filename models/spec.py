@@ -120,9 +120,9 @@ class GenerationSpec(_Strict):
         256, ge=0, description="Sequences waiting for a slot before new requests get 503.",
     )
     step_tokens: int = Field(
-        128, ge=1, le=65536, description="Tokens one step may process: one per running "
-        "sequence, the rest prefill prompts in chunks, so a long prompt delays the running "
-        "streams by at most one chunk.",
+        128, ge=1, le=65536, description="Prompt tokens one prefill pass may process (prompts "
+        "are prefilled in chunks of at most this), so a long prompt delays the running streams "
+        "by at most one chunk per step.",
     )
     max_tokens: int = Field(
         512, ge=1, description="Largest `max_tokens` a request may ask for (the context bounds "

@@ -1,13 +1,16 @@
 """Iteration-level (continuous) batching of a causal LM across LoRA adapters, on one thread.
 
 ``DecodeEngine.step`` is one iteration: drop cancelled sequences; one prefill pass over the next
-chunks of waiting prompts (left-padded rows, within the step's token budget less one token per
-running sequence); then one decode pass over every running sequence (one new token each). Every
-row goes through its own adapter's slot of the stacked LoRA matrices (``models.lora_slots``). A
+chunks of waiting prompts (left-padded rows, at most ``step_tokens`` tokens); then one decode
+pass over every running sequence (one new token each). Every row goes through its own adapter's slot of the stacked LoRA matrices (``models.lora_slots``). A
 sequence whose prompt is fully prefilled gets its first token from the prefill pass and its
 second from the decode pass of the same step; finished sequences leave at once and their slots
-are refilled. Prefill first: a new request's first token waits for at most the step in flight. So a request joins the running batch at the next step, a long prompt never stalls
-the running streams for more than one chunk, and rows of different adapters share every pass.
+are refilled. Prefill first, and arrivals taken between passes too (``intake``): a request that
+comes while a prefill pass runs gets its own prefill pass right after it, before the decode pass
+(at most ``EXTRA_PREFILLS`` such passes per step, so running streams keep flowing); one that comes
+while a decode pass runs waits for that pass only. So a new request's first token waits for at
+most the pass in flight plus its own prefill pass, a long prompt never stalls the running streams
+for more than one chunk, and rows of different adapters share every pass.
 
 The engine is synchronous and Ray-free: the serving layer (``serve.server.decoding``) calls
 ``step`` from one worker thread, passing new sequences and cancellations in and getting the text
@@ -30,6 +33,7 @@ from models.decoding.text import IncrementalText
 from models.errors import Overloaded
 
 _ids = itertools.count(1)
+EXTRA_PREFILLS = 2  # prefill passes per step for arrivals taken after the first one
 
 
 @dataclass(eq=False)
@@ -70,7 +74,7 @@ class DecodeEngine:
         self.context = context
         self.max_running = max_running
         self.max_waiting = max_waiting
-        self.step_tokens = step_tokens  # decode rows + prefill tokens per step (at least one chunk)
+        self.step_tokens = step_tokens  # prompt tokens per prefill pass (the longest chunk)
         self.eos = frozenset(eos)
         self.cache = SlotKVCache(max_running, context, scratch=step_tokens)
         self.running: list[GenSeq] = []  # slot i holds running[i]
@@ -108,20 +112,36 @@ class DecodeEngine:
 
     # -- one iteration ------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, cancel: Iterable[int] = (), early: Callable[[list[Delta]], None] | None = None) -> list[Delta]:
-        """One iteration; returns its deltas. ``early`` gets the prefill pass's deltas (first
-        tokens) as soon as that pass ends, before the decode pass runs."""
+    def step(self, cancel: Iterable[int] = (), early: Callable[[list[Delta]], None] | None = None,
+             intake: Callable[[], None] | None = None) -> list[Delta]:
+        """One iteration; returns its deltas. ``early`` gets each prefill pass's deltas (first
+        tokens) as soon as that pass ends, before the decode pass runs. ``intake`` (the server's)
+        admits the sequences that arrived since it was last called; it is called before the first
+        prefill pass and after each one."""
         out: list[Delta] = []
         cancel = set(cancel)
         if cancel:
             self._cancel(cancel, out)
-        self._prefill(out)  # first: a waiting request's first token does not wait for a decode pass
-        if early is not None and out:
-            early(out)
-            out = []
+        for extra in range(EXTRA_PREFILLS + 1):
+            if intake is not None:
+                intake()
+            if extra and not self._first_tokens_due():
+                break  # a long prompt's next chunk waits for the next step: the streams go first
+            if not self._prefill(out):  # first: a new request's first token waits for no decode pass
+                break
+            if early is not None and out:
+                early(out)
+                out = []
         if self.running:
             self._decode(out)
         return out
+
+    def _first_tokens_due(self) -> bool:
+        """Would one more prefill pass give some sequence its first token? (A prompt in
+        prefill whose rest fits one pass, or a waiting one that can take a slot now.)"""
+        return any(len(s.prompt) - s.cached <= self.step_tokens for s in self.prefilling) or bool(
+            self.waiting and len(self.running) + len(self.prefilling) < self.max_running
+            and len(self.waiting[0].prompt) <= self.step_tokens)
 
     def _cancel(self, ids: set[int], out: list[Delta]) -> None:
         for group in (self.running, self.prefilling):
@@ -148,13 +168,16 @@ class DecodeEngine:
             self.running = [s for s in rows if s.finish is None]
             self._compact()
 
-    def _prefill(self, out: list[Delta]) -> None:
-        """The next chunk of every prompt in prefill, in one pass, within the step's budget."""
+    def _prefill(self, out: list[Delta]) -> bool:
+        """The next chunk of every prompt in prefill, in one pass, within the step's budget;
+        False when there was nothing to prefill. (Sequences enter their next list before they
+        leave the last, so ``load`` read from another thread never counts one short.)"""
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_running:
-            s = self.waiting.popleft()
+            s = self.waiting[0]
             s.slot = len(self.running) + len(self.prefilling)
             self.prefilling.append(s)
-        budget = max(self.step_tokens - len(self.running), 1)  # the decode pass takes one per row
+            self.waiting.popleft()
+        budget = self.step_tokens  # per pass: the decode pass is a pass of its own
         rows, qs = [], []
         for s in self.prefilling:  # in slot order: the rows are a contiguous run of slots
             q = min(budget, len(s.prompt) - s.cached)
@@ -164,22 +187,23 @@ class DecodeEngine:
             qs.append(q)
             budget -= q
         if not rows:
-            return
+            return False
         width = max(qs)
         ids = torch.tensor([[0] * (width - q) + s.prompt[s.cached:s.cached + q] for s, q in zip(rows, qs)],
                            dtype=torch.long)
         logits = self._forward(rows[0].slot, rows, ids, qs)
         complete = [(i, s) for i, s in enumerate(rows) if s.cached == len(s.prompt)]
         if not complete:
-            return
+            return True
         chosen = next_tokens(logits[[i for i, _ in complete]], [s.params for _, s in complete],
                              [s.generator for _, s in complete])
         for (_, s), token in zip(complete, chosen):
             out.append(self._emit(s, token))
-            self.prefilling.remove(s)
             if s.finish is None:
                 self.running.append(s)
+            self.prefilling.remove(s)
         self._compact()
+        return True
 
     def _forward(self, first: int, rows: list[GenSeq], ids: torch.Tensor, qs: list[int]) -> torch.Tensor:
         """One pass over slots ``first ..`` (``ids`` left-padded); next-token logits per row."""
@@ -212,12 +236,23 @@ class DecodeEngine:
         return Delta(s, text, token, finish)
 
     def _compact(self) -> None:
-        """Running sequences into slots ``0..``, prefilling ones right after them."""
+        """Running sequences into slots ``0..R-1``, prefilling ones into ``R..R+P-1``, moving as
+        few as possible: a sequence already inside its range stays, one outside takes a free slot
+        of it (a finished sequence's hole is refilled by one from the end, never by shifting every
+        sequence after it: each move copies a slot's cache, in every layer)."""
         moves = []
-        for want, s in enumerate(itertools.chain(self.running, self.prefilling)):
-            if s.slot != want:
-                if s.cached:
-                    moves.append((s.slot, want, s.cached))
-                s.slot = want
+        start = 0
+        for group in (self.running, self.prefilling):
+            end = start + len(group)
+            held = {s.slot for s in group if start <= s.slot < end}
+            free = iter(sorted(set(range(start, end)) - held))
+            for s in group:
+                if not start <= s.slot < end:
+                    want = next(free)
+                    if s.cached:
+                        moves.append((s.slot, want, s.cached))
+                    s.slot = want
+            group.sort(key=lambda s: s.slot)
+            start = end
         if moves:
             self.cache.move(moves)

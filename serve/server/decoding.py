@@ -3,8 +3,11 @@ and hands each request its text deltas as they are produced.
 
 Requests never touch the engine: ``submit`` queues new sequences (refusing with ``Overloaded``,
 503, when the waiting room is full) and ``cancel`` marks sequences to drop; both are passed to
-the next ``engine.step`` on the worker thread, so the engine needs no lock. While any sequence is
-running or waiting the loop runs steps back to back; idle, it sleeps until a submit wakes it.
+the next ``engine.step`` on the worker thread, so the engine needs no lock. New sequences are
+also taken between a step's passes (the engine's ``intake``, under a small lock shared with
+``submit``), so a request that arrives during a prefill pass does not wait for the decode pass.
+While any sequence is running or waiting the loop runs steps back to back; idle, it sleeps until
+a submit wakes it.
 A stream whose consumer went away (a client disconnect cancels the request's task) cancels its
 sequences, which leave the batch at the next step, freeing their slots.
 """
@@ -12,6 +15,7 @@ sequences, which leave the batch at the next step, freeing their slots.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -69,7 +73,8 @@ class DecodeLoop:
         self.engine = engine
         self._observer = observer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._pending: list[GenSeq] = []
+        self._pending: list[GenSeq] = []  # submitted, not yet admitted (guarded by _lock)
+        self._lock = threading.Lock()
         self._cancel: set[int] = set()
         self._streams: dict[int, Stream] = {}
         self._wake: asyncio.Event | None = None
@@ -78,16 +83,16 @@ class DecodeLoop:
 
     def submit(self, seqs: Sequence[GenSeq]) -> Stream:
         e = self.engine
-        taken = e.load() + len(self._pending)
-        if taken + len(seqs) > e.max_running + e.max_waiting:
-            raise Overloaded(
-                f"generation is at capacity ({len(e.running)} sequences running, {self.waiting} "
-                f"waiting); retry shortly"
-            )
-        stream = Stream(self, seqs)
-        for s in seqs:
-            self._streams[s.id] = stream
-        self._pending.extend(seqs)
+        with self._lock:
+            if e.load() + len(self._pending) + len(seqs) > e.max_running + e.max_waiting:
+                raise Overloaded(
+                    f"generation is at capacity ({len(e.running)} sequences running, {self.waiting} "
+                    f"waiting); retry shortly"
+                )
+            stream = Stream(self, seqs)
+            for s in seqs:
+                self._streams[s.id] = stream
+            self._pending.extend(seqs)
         self._ensure_task()
         self._wake.set()
         return stream
@@ -114,10 +119,13 @@ class DecodeLoop:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def _step(self, new: list[GenSeq], cancel: set[int], early) -> list[Delta]:
-        if new:
-            self.engine.admit(new)
-        return self.engine.step(cancel, early)
+    def _intake(self) -> None:
+        """On the worker thread, between passes: admit what was submitted (``submit`` checked
+        the capacity under the same lock, so ``admit`` does not refuse)."""
+        with self._lock:
+            new, self._pending = self._pending, []
+            if new:
+                self.engine.admit(new)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -125,12 +133,11 @@ class DecodeLoop:
             if not (self.engine.busy or self._pending or self._cancel):
                 self._wake.clear()
                 await self._wake.wait()
-            new, self._pending = self._pending, []
             cancel, self._cancel = self._cancel, set()
             start = self._busy_since = time.perf_counter()
             early = lambda ds: loop.call_soon_threadsafe(self._deliver, ds)  # noqa: E731  first tokens
             try:
-                deltas = await loop.run_in_executor(self._executor, self._step, new, cancel, early)
+                deltas = await loop.run_in_executor(self._executor, self.engine.step, cancel, early, self._intake)
             except Exception as exc:  # the step failed: every stream in it learns why
                 self._busy_since = None
                 self._fail(exc)
@@ -159,6 +166,8 @@ class DecodeLoop:
     def _fail(self, exc: Exception) -> None:
         """A failed step leaves the engine's state unknown: end every sequence, clear it."""
         err = exc if isinstance(exc, ServiceError) else RuntimeError(f"generation step failed: {exc}")
+        with self._lock:
+            self._pending.clear()  # their streams are told below too
         streams = set(self._streams.values())
         self._streams.clear()
         for stream in streams:

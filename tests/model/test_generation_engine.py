@@ -155,3 +155,55 @@ def test_other_causal_lm_families_decode_exactly_as_generate(tmp_path):
             ref = model.eval().generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
                                         pad_token_id=0)[0, len(p):].tolist()
             assert s.tokens == ref, name
+
+
+def test_a_request_arriving_during_a_prefill_pass_gets_its_own_before_the_decode_pass():
+    b = load(step_tokens=16)
+    e = b.engine
+    passes = []  # (rows, tokens per row) of every forward pass, in order
+    forward = e._forward
+    e._forward = lambda first, rows, ids, qs: passes.append((len(rows), ids.shape[1])) or forward(first, rows, ids, qs)
+    running = [GenSeq(b.encode_prompt(p), greedy(), None) for p in PROMPTS[:2]]
+    e.admit(running)
+    e.step()
+    early = GenSeq(b.encode_prompt(PROMPTS[3]), greedy(), None)
+    late = GenSeq(b.encode_prompt(PROMPTS[0]), greedy(), None)
+    long = GenSeq(b.encode_prompt(" ".join([PROMPTS[1]] * 4)), greedy(), None)  # over one pass: chunked
+    calls = []
+
+    def intake():  # the server's: ``late`` arrives while ``early``'s prefill pass runs
+        calls.append(len(passes))
+        if len(calls) == 2:
+            e.admit([late])
+    firsts = []
+    passes.clear()
+    e.admit([early])
+    e.step(early=lambda ds: firsts.extend(d.seq for d in ds), intake=intake)
+    assert firsts == [early, late] and passes == [(1, len(early.prompt)), (1, len(late.prompt)), (4, 1)]
+    passes.clear()
+    e.admit([long])
+    e.step(intake=lambda: None)
+    assert len(long.prompt) > 2 * 16
+    assert passes == [(1, 16), (4, 1)]  # one chunk, then the decode pass: no extra pass for it
+    while e.busy:
+        e.step(intake=lambda: None)
+    for s in [*running, early, late, long]:
+        assert s.tokens == greedy_reference(s.prompt, NEW)
+
+
+def test_a_finished_sequence_is_replaced_by_one_move_not_a_shift():
+    b = load()
+    e = b.engine
+    seqs = [GenSeq(b.encode_prompt(p), greedy(), None) for p in PROMPTS + PROMPTS[:2]]
+    e.admit(seqs)
+    e.step()
+    moves = []
+    move = e.cache.move
+    e.cache.move = lambda m: moves.append(m) or move(m)
+    e.step(cancel=[seqs[1].id])  # a hole in slot 1 of 0..5
+    assert [(src, dst) for src, dst, _ in moves[0]] == [(5, 1)] and len(moves) == 1
+    assert [s.slot for s in e.running] == list(range(5))
+    while e.busy:
+        e.step()
+    for s in seqs[:1] + seqs[2:]:
+        assert s.tokens == greedy_reference(s.prompt, NEW)
