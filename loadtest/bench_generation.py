@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from loadtest import report
-from loadtest.report import Stat, fmt, say
+from loadtest.report import Stat, fmt, ratios, say
 
 NAME, MODULE = "generation", "loadtest.bench_generation"
 TITLE = "Generation: continuous batching across adapters against the usual recipes (in process)"
@@ -266,7 +266,34 @@ def render(results: dict, skipped: dict, levels: list[int], engines: list[str]) 
                 col = lambda k, d=1, runs=runs: fmt(Stat.of([r[k] for r in runs]), d)  # noqa: E731
                 lines.append(f"| {LABELS[kind]} | {c} | {col('tokens_per_s', 0)} | {col('ttft_p50_ms')} | "
                              f"{col('ttft_p99_ms')} | {col('tpot_p50_ms', 2)} |")
+    lines += ["", "## Bars", ""] + bars(results, levels)
     return "\n".join(lines)
+
+
+def bars(results: dict, levels: list[int]) -> list[str]:
+    """The issue's targets, each figure paired within a repetition (one process: drift cancels)."""
+    def per_rep(key: str, c: int, field: str) -> list[float]:
+        return [r[field] for r in results.get(key, {}).get(str(c), [])]
+
+    out = []
+    if 16 in levels:
+        for mixed in ("1", "8"):
+            x = ratios(per_rep(f"continuous/{mixed}", 16, "tokens_per_s"), per_rep(f"per_request/{mixed}", 16, "tokens_per_s"))
+            if x:
+                out.append(f"- tokens/s at c16, ours / one generate per request, {mixed} adapter(s) >= 4x: "
+                           f"{fmt(x, 1, 'x')} -> {'MET' if x.median >= 4 else 'MISSED'}")
+        x = ratios(per_rep("continuous/8", 16, "tokens_per_s"), per_rep("continuous/1", 16, "tokens_per_s"))
+        if x:
+            out.append(f"- ours at c16, 8 adapters / 1 adapter >= 0.80 (mixed adapters cost at most 20%): "
+                       f"{fmt(x, 2, 'x')} (repetitions pair by order, each engine case in its own process) -> "
+                       f"{'MET' if x.median >= 0.8 else 'MISSED'}")
+    if 1 in levels and 32 in levels:
+        for mixed in ("1", "8"):
+            x = ratios(per_rep(f"continuous/{mixed}", 32, "ttft_p99_ms"), per_rep(f"continuous/{mixed}", 1, "ttft_p50_ms"))
+            if x:
+                out.append(f"- ours, TTFT p99 at c32 / TTFT p50 at c1 (same process) <= 5x, {mixed} adapter(s): "
+                           f"{fmt(x, 1, 'x')} -> {'MET' if x.median <= 5 else 'MISSED'}")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """A replica's side of the adapter registry: ``RegistryClient`` is the only code that calls the
 registry actor. Lookups are local dict reads (no hop on the request path), kept current by a
-long-poll watch loop; a miss refreshes from the actor at most once per ``miss_refresh_s``.
-Admin changes (register, unregister, config sync) go through it too.
+long-poll watch loop that applies the registry's changes as deltas (a full snapshot only at
+start or when this replica fell too far behind); a miss refreshes from the actor at most once
+per ``miss_refresh_s``. Admin changes (register, unregister, config sync) go through it too.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ log = logging.getLogger("loraserve")
 class RegistryClient:
     """A replica's view of the registry, kept current by a long-poll watch loop.
 
-    ``on_change(old, new)`` runs on the event loop after each new snapshot is applied (the
-    ModelServers drop adapters that were unregistered or replaced); ``resident()`` tells the
+    ``on_change(changed)`` runs on the event loop after each update is applied, with
+    ``{name: (old ref or None, new ref or None)}`` for the adapters that changed (the
+    ModelServers drop adapters that were unregistered or replaced); ``adapters`` is updated in
+    place, so a reference to it stays current; ``resident()`` tells the
     registry which adapters this replica holds, sent with every watch call and, when it
     changes, at most every ``report_every_s``.
     """
@@ -30,7 +33,7 @@ class RegistryClient:
         actor,
         replica: str,
         *,
-        on_change: Callable[[dict, dict], None] | None = None,
+        on_change: Callable[[dict], None] | None = None,
         resident: Callable[[], dict[str, list[str]]] = dict,
         miss_refresh_s: float = 1.0,
         report_every_s: float = 0.5,
@@ -53,14 +56,39 @@ class RegistryClient:
         return self
 
     def _apply(self, version: int, refs: list[dict]) -> None:
+        """A full snapshot."""
         if version <= self.version:
             return
-        old = self.adapters
-        self.adapters = {d["name"]: AdapterRef.from_dict(d) for d in refs}
+        new = {d["name"]: AdapterRef.from_dict(d) for d in refs}
+        changed = {n: (self.adapters.get(n), new.get(n)) for n in self.adapters.keys() | new.keys()
+                   if self.adapters.get(n) != new.get(n)}
+        self.adapters.clear()
+        self.adapters.update(new)
+        self._applied(version, changed)
+
+    def _apply_delta(self, version: int, changes: list) -> None:
+        """The changes after ``self.version`` up to ``version``, in order."""
+        if version <= self.version:
+            return
+        changed: dict[str, tuple] = {}
+        for name, d in changes:
+            old = self.adapters.get(name)
+            if d is None:
+                self.adapters.pop(name, None)
+            else:
+                self.adapters[name] = AdapterRef.from_dict(d)
+            changed[name] = (changed[name][0] if name in changed else old, self.adapters.get(name))
+        self._applied(version, changed)
+
+    def _take(self, update: tuple) -> None:
+        kind, version, payload = update
+        (self._apply_delta if kind == "delta" else self._apply)(version, payload)
+
+    def _applied(self, version: int, changed: dict) -> None:
         self.version = version
-        if self.on_change is not None:
+        if self.on_change is not None and changed:
             try:
-                self.on_change(old, self.adapters)
+                self.on_change(changed)
             except Exception:  # a failing listener must not stop the watch loop
                 log.exception("adapter registry listener failed")
 
@@ -69,7 +97,7 @@ class RegistryClient:
             try:
                 result = await self.actor.watch.remote(self.replica, self.version, self.resident())
                 if result is not None:
-                    self._apply(*result)
+                    self._take(result)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # actor restarting: retry, keep serving the last view
@@ -87,7 +115,7 @@ class RegistryClient:
 
     async def refresh(self) -> None:
         self._last_refresh = time.monotonic()
-        self._apply(*(await self.actor.snapshot.remote()))
+        self._take(await self.actor.updates.remote(self.version))
 
     # -- changes (admin routes and config sync) -------------------------------------------------
     async def sync_config(self, refs: list[AdapterRef]) -> int:

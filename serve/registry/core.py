@@ -2,7 +2,10 @@
 detached Ray actor per state directory in a cluster.
 
 Replicas *watch* it with a long poll: ``watch(replica, version)`` returns at once when the
-registry is newer than ``version``, else when it changes or after a timeout. Each call also
+registry is newer than ``version``, else when it changes or after a timeout; it returns the
+changes since ``version`` (``("delta", version, changes)``), or every adapter when those are no
+longer in memory (``("snapshot", version, refs)``), so a change costs each replica one small
+message, whatever the number of adapters. Each call also
 tells the registry which version that replica has applied and which adapters it holds, so an
 admin call can wait until every live replica has applied its change (``wait_synced``) and
 ``GET /v1/adapters`` can say where each adapter is resident. The logic runs in plain asyncio
@@ -39,6 +42,7 @@ class RegistryCore:
         self.state = RegistryState(Path(state_dir) if state_dir else None)
         self.replicas: dict[str, ReplicaView] = {}
         self._changed = asyncio.Event()
+        self._acked = asyncio.Event()  # set when some replica reports a newer version
 
     def _bump(self) -> None:
         self._changed.set()
@@ -64,9 +68,20 @@ class RegistryCore:
     async def snapshot(self) -> tuple[int, list[dict]]:
         return self.state.snapshot()
 
+    async def updates(self, version: int) -> tuple:
+        """What a replica holding ``version`` needs: ``("delta", version, changes)`` or, when
+        the changes are no longer in memory, ``("snapshot", version, refs)``."""
+        changes = self.state.changes_since(version)
+        if changes is None:
+            return ("snapshot", *self.state.snapshot())
+        return ("delta", self.state.version, changes)
+
     def _seen(self, replica: str, version: int, resident: dict | None) -> None:
         view = self.replicas.setdefault(replica, ReplicaView())
-        view.version = max(view.version, version)
+        if version > view.version:
+            view.version = version
+            self._acked.set()
+            self._acked = asyncio.Event()
         view.seen = time.monotonic()
         if resident is not None:
             view.resident = resident
@@ -74,8 +89,9 @@ class RegistryCore:
     async def watch(
         self, replica: str, version: int, resident: dict | None = None,
         timeout_s: float = WATCH_TIMEOUT_S,
-    ) -> tuple[int, list[dict]] | None:
-        """The snapshot when newer than ``version`` (now or within ``timeout_s``), else None."""
+    ) -> tuple | None:
+        """``updates(version)`` when the registry is newer than ``version`` (now or within
+        ``timeout_s``), else None."""
         self._seen(replica, version, resident)
         if self.state.version == version:
             changed = self._changed
@@ -84,7 +100,7 @@ class RegistryCore:
             except TimeoutError:
                 self._seen(replica, version, None)
                 return None
-        return self.state.snapshot()
+        return await self.updates(version)
 
     async def report(self, replica: str, version: int, resident: dict) -> None:
         self._seen(replica, version, resident)
@@ -102,10 +118,14 @@ class RegistryCore:
         while True:
             live = self.live()
             pending = sorted(r for r, v in live.items() if v.version < version)
-            if not pending or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
                 synced = sorted(r for r, v in live.items() if v.version >= version)
                 return {"version": version, "synced": synced, "pending": pending}
-            await asyncio.sleep(0.01)
+            try:  # woken by the next acknowledgement, not by polling
+                await asyncio.wait_for(self._acked.wait(), min(left, 0.5))
+            except TimeoutError:
+                pass
 
     async def describe(self) -> list[dict]:
         """Every adapter with the live replicas that hold it now."""

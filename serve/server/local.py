@@ -179,8 +179,9 @@ class ModelServer:
         return self.batcher.call(fn, *args)
 
     def sync_adapters(self, registered: dict[str, AdapterRef]) -> None:
-        """Registry changed: drop adapters of this base that are gone or replaced."""
-        self.adapters.sync({n: r for n, r in registered.items() if r.base == self.spec.id})
+        """Registry changed: drop adapters of this base that are gone or replaced (``registered``
+        is the registry client's live view: every base, kept current in place)."""
+        self.adapters.sync(registered)
 
     async def preload(self, refs: Sequence[AdapterRef]) -> None:
         """Load pinned adapters of this base now, so their first request does not wait."""

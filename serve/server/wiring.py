@@ -88,10 +88,10 @@ async def start_registry(
     def resident() -> dict[str, list[str]]:
         return {s.spec.id: s.adapters.resident() for s in local}
 
-    def on_change(old: dict, new: dict) -> None:
+    def on_change(changed: dict) -> None:
         for s in local:
-            s.sync_adapters(new)
-        fresh = [r for n, r in new.items() if r.pinned and old.get(n) != r]
+            s.sync_adapters(client.adapters)
+        fresh = [new for _, new in changed.values() if new is not None and new.pinned]
         for s in local if fresh else ():
             asyncio.get_running_loop().create_task(_preload(s, fresh))
 

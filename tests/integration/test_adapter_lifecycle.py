@@ -89,7 +89,7 @@ def test_train_load_serve_restart_unload(tiny_models, places):
     try:
         user, admin = clients(svc)
         models = {m["id"]: m for m in user.get("/v1/models").json()["data"]}
-        state = (places / "state" / "adapters.json").read_text()
+        state = "".join(f.read_text() for f in sorted((places / "state").glob("adapters.*")))  # snapshot + log
         assert "fresh" in models, (list(models), admin.get("/v1/adapters").text, state)
         assert models["fresh"]["parent"] == "tiny"
         again = user.post("/v1/classify", json={"model": "fresh", "input": ["I loved it", "awful"]})
