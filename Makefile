@@ -29,7 +29,7 @@ up: $(STAMP)
 test: $(STAMP) prometheus-deps
 	$(VENV)/bin/ruff check serve models loadtest ops tests
 	$(VENV)/bin/lint-imports
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests --ignore=tests/reproduce $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q --durations=25 tests --ignore=tests/reproduce $(PYTEST_ARGS)
 
 # Benchmarks (docs/benchmarks.md): `make bench` re-measures every results file in loadtest/results/,
 # one scenario after another (about 70 minutes on 2 cores; run it on an otherwise idle machine).
