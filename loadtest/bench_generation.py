@@ -73,7 +73,8 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
     return out
 
 
-def build(kind: str, base: Path, store: Path, names: list[str], mixed: bool, max_tokens: int):
+def build(kind: str, base: Path, store: Path, names: list[str], mixed: bool, max_tokens: int,
+          step_tokens: int | None = None):
     """The engine of ``kind``; ``mixed``: 8 adapters unmerged, else adapter a0 (merged, except ours)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -84,7 +85,7 @@ def build(kind: str, base: Path, store: Path, names: list[str], mixed: bool, max
         from models import ModelSpec, base_weight_shapes, create_backend, validate_adapter
 
         spec = ModelSpec(id="storyteller", source=str(base), task="generate",
-                         generation={"max_running": 32, "step_tokens": 128})
+                         generation={"max_running": 32, **({"step_tokens": step_tokens} if step_tokens else {})})
         b = create_backend(spec, "torch")
         b.load()
         for n in names if mixed else names[:1]:
@@ -169,7 +170,7 @@ def worker(a) -> dict:
     pool = prompts(AutoTokenizer.from_pretrained(base), 64)
     PROBES[:] = pool[:2]
     try:
-        engine = build(a.worker, base, store, names, a.mixed, a.max_tokens).start()
+        engine = build(a.worker, base, store, names, a.mixed, a.max_tokens, a.step_tokens).start()
     except Exception as exc:  # recorded: why this engine cannot run this case
         return {"skipped": f"{type(exc).__name__}: {exc}"[:500]}
     out = {}
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-client", type=int, default=4, help="counted requests per client thread per figure")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--step-tokens", type=int, default=None, help="ours: generation.step_tokens (default: the spec's)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--output", default=None)
     p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     skipped: dict[str, str] = {}
     child = [sys.executable, "-m", MODULE, "--threads", str(a.threads), "--concurrency", a.concurrency,
-             "--per-client", str(a.per_client), "--max-tokens", str(a.max_tokens)]
+             "--per-client", str(a.per_client), "--max-tokens", str(a.max_tokens),
+             *(["--step-tokens", str(a.step_tokens)] if a.step_tokens else [])]
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
         subprocess.run([*child, "--make-adapters", tmp], check=True)
         for rep in range(a.reps):
