@@ -55,9 +55,9 @@ class RegistryClient:
         self._task = asyncio.get_running_loop().create_task(self._loop())
         return self
 
-    def _apply(self, version: int, refs: list[dict]) -> None:
-        """A full snapshot."""
-        if version <= self.version:
+    def _apply(self, version: int, refs: list[dict], reset: bool = False) -> None:
+        """A full snapshot (``reset``: even an older one: the registry lost its state)."""
+        if version <= self.version and not (reset and version != self.version):
             return
         new = {d["name"]: AdapterRef.from_dict(d) for d in refs}
         changed = {n: (self.adapters.get(n), new.get(n)) for n in self.adapters.keys() | new.keys()
@@ -82,7 +82,10 @@ class RegistryClient:
 
     def _take(self, update: tuple) -> None:
         kind, version, payload = update
-        (self._apply_delta if kind == "delta" else self._apply)(version, payload)
+        if kind == "delta":
+            self._apply_delta(version, payload)
+        else:
+            self._apply(version, payload, reset=kind == "reset")
 
     def _applied(self, version: int, changed: dict) -> None:
         self.version = version

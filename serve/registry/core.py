@@ -69,8 +69,12 @@ class RegistryCore:
         return self.state.snapshot()
 
     async def updates(self, version: int) -> tuple:
-        """What a replica holding ``version`` needs: ``("delta", version, changes)`` or, when
-        the changes are no longer in memory, ``("snapshot", version, refs)``."""
+        """What a replica holding ``version`` needs: ``("delta", version, changes)``; when the
+        changes are no longer in memory, ``("snapshot", version, refs)``; when the replica holds
+        a version the registry never reached (its files were lost), ``("reset", version, refs)``,
+        which the replica takes although it is older."""
+        if version > self.state.version:  # the replica is ahead: the registry lost state (its files)
+            return ("reset", *self.state.snapshot())
         changes = self.state.changes_since(version)
         if changes is None:
             return ("snapshot", *self.state.snapshot())

@@ -190,3 +190,22 @@ def test_a_damaged_log_line_before_the_end_sets_the_log_aside(tmp_path):
     (tmp_path / "adapters.log").write_text("garbage\n" + lines[1] + "\n")
     again = RegistryState(tmp_path)
     assert set(again.adapters) == {"a"} and list(tmp_path.glob("adapters.log.corrupt-*"))
+
+
+def test_a_replica_ahead_of_a_registry_that_lost_its_files_takes_its_state(tmp_path):
+    from serve.registry.client import RegistryClient
+
+    async def main():
+        core = RegistryCore(str(tmp_path / "old"))
+        for name in ("a", "b", "c"):
+            await core.register(ref(name).to_dict())
+        client = await RegistryClient(_Actor(core), "r1").start()
+        assert client.version == 3
+        client.actor = _Actor(RegistryCore(str(tmp_path / "new")))  # the state dir was lost
+        await client.actor.core.register(ref("z").to_dict())
+        kind, version, refs = await client.actor.core.watch("r1", client.version, {}, timeout_s=0.01)
+        assert (kind, version) == ("reset", 1)
+        client._take((kind, version, refs))
+        assert set(client.adapters) == {"z"} and client.version == 1  # not stuck at 3, looping
+        client.close()
+    asyncio.run(main())
