@@ -2,9 +2,10 @@
 
 ``DecodeEngine.step`` is one iteration: drop cancelled sequences; one prefill pass over the next
 chunks of waiting prompts (left-padded rows, at most ``step_tokens`` tokens); then one decode
-pass over every running sequence (one new token each). Every row goes through its own adapter's slot of the stacked LoRA matrices (``models.lora_slots``). A
-sequence whose prompt is fully prefilled gets its first token from the prefill pass and its
-second from the decode pass of the same step; finished sequences leave at once and their slots
+pass over every running sequence (one new token each). Every row goes through its own adapter's
+slot of the stacked LoRA matrices (``models.lora_slots``). A sequence whose prompt is fully
+prefilled gets its first token from the prefill pass and its second from the decode pass of the
+same step; finished sequences leave at once and their slots
 are refilled. Prefill first, and arrivals taken between passes too (``intake``): a request that
 comes while a prefill pass runs gets its own prefill pass right after it, before the decode pass
 (at most ``EXTRA_PREFILLS`` such passes per step, so running streams keep flowing); one that comes

@@ -162,7 +162,11 @@ def test_the_client_applies_deltas_in_place_and_reports_what_changed(tmp_path):
         client = await RegistryClient(_Actor(core), "r1", on_change=seen.append).start()
         view = client.adapters
         assert set(view) == {"a"}
-        await asyncio.sleep(0.05)  # the client's watch call makes it a live replica
+        for _ in range(100):  # until the client's first watch call has made it a live replica
+            if "r1" in core.replicas:
+                break
+            await asyncio.sleep(0)
+        assert "r1" in core.replicas
         await core.register(ref("b").to_dict())
         await core.register(ref("a", sha="b" * 64).to_dict(), replace=True)
         await core.unregister("b")
