@@ -87,6 +87,23 @@ def cores() -> str:
     return f"{usable} cores" + (f" (of {total})" if usable != total else "")
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU ticks since boot (``/proc/stat``; (0, 0) elsewhere). Steal is time the
+    hypervisor gave this VM's CPUs to someone else: on a shared VM it makes latency tails that
+    no code here causes, so benchmarks record it beside their figures."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[0] - before[0]
+    return 100.0 * (after[1] - before[1]) / total if total > 0 else 0.0
+
+
 def ram_gib() -> str:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

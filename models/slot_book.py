@@ -5,6 +5,7 @@ base), with each adapter's task and classification head. Shared by the torch sta
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 from models.errors import InvalidAdapter
@@ -21,6 +22,8 @@ class SlotBook:
         self._free: list[int] = []
         self.heads: dict = {}
         self.tasks: dict[str, str] = {}
+        self.serial: dict[str, int] = {}  # which load of the adapter holds its slot
+        self._loads = itertools.count(1)
 
     def _take_slot(self) -> int:
         """A free slot; the capacity doubles when every slot is taken."""
@@ -39,6 +42,7 @@ class SlotBook:
         if head is not None:  # head first: a row may use the adapter once it has a slot
             self.heads[name] = head
         self.tasks[name] = task
+        self.serial[name] = next(self._loads)
         self.slot_of[name] = slot
 
     def remove(self, name: str) -> None:
@@ -47,6 +51,7 @@ class SlotBook:
             if slot is None:
                 return
             self.tasks.pop(name)
+            self.serial.pop(name, None)
             self.heads.pop(name, None)
             self._release(slot)
             self._free.append(slot)

@@ -124,6 +124,11 @@ class GenerationSpec(_Strict):
         "are prefilled in chunks of at most this), so a long prompt delays the running streams "
         "by at most one chunk per step.",
     )
+    prefix_cache_mb: float = Field(
+        64, ge=0, description="Memory for the prefix cache: the KV of prompt prefixes already "
+        "computed (whole blocks of 8 tokens, per adapter), copied into a new sequence's slot "
+        "instead of recomputed; least recently used blocks go first. 0 turns it off.",
+    )
     max_tokens: int = Field(
         512, ge=1, description="Largest `max_tokens` a request may ask for (the context bounds "
         "prompt plus output too).",

@@ -237,6 +237,11 @@ class GenerationMetrics(ModelMetrics):
         self.prompt_tokens = Counter(
             "loraserve_prompt_tokens_total", description="Prompt tokens prefilled.", tag_keys=keys,
         )
+        self.prefix_hits = Counter(
+            "loraserve_prefix_cache_hits_total",
+            description="Prompt tokens whose KV came from the prefix cache instead of a prefill pass "
+            "(over prompt_tokens_total: the hit rate).", tag_keys=keys,
+        )
         self.generation_tokens = Counter(
             "loraserve_generation_tokens_total", description="Tokens generated.", tag_keys=keys,
         )
@@ -272,8 +277,10 @@ class GenerationMetrics(ModelMetrics):
             self.kv_usage.set(kv_usage, tags=self.tags)
 
     def generation_done(self, prompt_tokens: int, tokens: int, ttft_s: float | None, tpot_s: float | None,
-                        reasons: list[str]) -> None:
+                        reasons: list[str], cached_tokens: int = 0) -> None:
         self.prompt_tokens.inc(prompt_tokens, tags=self.tags)
+        if cached_tokens:
+            self.prefix_hits.inc(cached_tokens, tags=self.tags)
         if tokens:
             self.generation_tokens.inc(tokens, tags=self.tags)
         if ttft_s is not None:

@@ -46,6 +46,7 @@ class GenerativeBackend(SlotAdapters, Backend):
         self.engine = DecodeEngine(
             model, tokenizer, self.lora, context=self.context, max_running=g.max_running,
             max_waiting=g.max_waiting, step_tokens=g.step_tokens, eos=eos,
+            prefix_cache_bytes=int(g.prefix_cache_mb * 2**20),
         )
 
     # -- prompts --------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ for more than one chunk, and rows of different adapters share every pass.
 The engine is synchronous and Ray-free: the serving layer (``serve.server.decoding``) calls
 ``step`` from one worker thread, passing new sequences and cancellations in and getting the text
 deltas out. KV cache: ``models.decoding.kv_cache.SlotKVCache``, running sequences in slots
-``0..running-1`` so a decode pass reads a view of the cache, never a gather.
+``0..running-1`` so a decode pass reads a view of the cache, never a gather. A sequence taking a
+slot first gets the KV of its prompt's longest cached prefix (``models.decoding.prefix_cache``);
+a prompt fully prefilled leaves its whole blocks there for the next ones.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.decoding.kv_cache import SlotKVCache
+from models.decoding.prefix_cache import PrefixCache
 from models.decoding.sampling import SamplingParams, generator_for, next_tokens
 from models.decoding.text import IncrementalText
 from models.errors import Overloaded
@@ -47,6 +50,7 @@ class GenSeq:
     id: int = field(default_factory=lambda: next(_ids))
     tokens: list[int] = field(default_factory=list)  # generated so far
     cached: int = 0  # positions in the KV cache
+    reused: int = 0  # prompt tokens whose KV came from the prefix cache
     slot: int = -1
     finish: str | None = None  # stop | length | abort
     text: IncrementalText | None = None
@@ -67,7 +71,7 @@ class Delta:
 class DecodeEngine:
     def __init__(
         self, model, tokenizer, lora, *, context: int, max_running: int, max_waiting: int,
-        step_tokens: int, eos: Iterable[int],
+        step_tokens: int, eos: Iterable[int], prefix_cache_bytes: int = 0,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -78,6 +82,7 @@ class DecodeEngine:
         self.step_tokens = step_tokens  # prompt tokens per prefill pass (the longest chunk)
         self.eos = frozenset(eos)
         self.cache = SlotKVCache(max_running, context, scratch=step_tokens)
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.running: list[GenSeq] = []  # slot i holds running[i]
         self.prefilling: list[GenSeq] = []  # slots after the running ones, in order
         self.waiting: collections.deque[GenSeq] = collections.deque()
@@ -176,6 +181,11 @@ class DecodeEngine:
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_running:
             s = self.waiting[0]
             s.slot = len(self.running) + len(self.prefilling)
+            if self.prefix is not None and not s.cached:
+                s.cached, kv = self.prefix.match(self._tag(s.adapter), s.prompt)
+                if kv is not None:
+                    self.cache.write(s.slot, 0, kv)
+                s.reused = s.cached
             self.prefilling.append(s)
             self.waiting.popleft()
         budget = self.step_tokens  # per pass: the decode pass is a pass of its own
@@ -199,12 +209,18 @@ class DecodeEngine:
         chosen = next_tokens(logits[[i for i, _ in complete]], [s.params for _, s in complete],
                              [s.generator for _, s in complete])
         for (_, s), token in zip(complete, chosen):
+            if self.prefix is not None:
+                self.prefix.store(self._tag(s.adapter), s.prompt, lambda i, n, slot=s.slot: self.cache.read(slot, i, n))
             out.append(self._emit(s, token))
             if s.finish is None:
                 self.running.append(s)
             self.prefilling.remove(s)
         self._compact()
         return True
+
+    def _tag(self, adapter: str | None):
+        """Whose KV a prefix is: the adapter as loaded now (a reload gets a new serial)."""
+        return None if adapter is None else (adapter, self.lora.serial.get(adapter))
 
     def _forward(self, first: int, rows: list[GenSeq], ids: torch.Tensor, qs: list[int]) -> torch.Tensor:
         """One pass over slots ``first ..`` (``ids`` left-padded); next-token logits per row."""

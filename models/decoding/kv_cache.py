@@ -72,6 +72,18 @@ class SlotKVCache(Cache):
                 k[dst, :, :n] = kk
                 v[dst, :, :n] = vv
 
+    def read(self, slot: int, start: int, n: int) -> torch.Tensor:
+        """A copy of positions ``start .. start+n-1`` of ``slot``: ``[layers, 2, kv_heads, n, dim]``."""
+        return torch.stack([torch.stack((k[slot, :, start:start + n], v[slot, :, start:start + n]))
+                            for k, v in zip(self.keys, self.values)])
+
+    def write(self, slot: int, start: int, kv: torch.Tensor) -> None:
+        """Put ``kv`` (as ``read`` gives it) at positions ``start ..`` of ``slot``."""
+        n = kv.shape[3]
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            k[slot, :, start:start + n] = kv[layer, 0]
+            v[slot, :, start:start + n] = kv[layer, 1]
+
     # -- the model's side ------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         if layer_idx == len(self.keys):  # first pass: one allocation per layer

@@ -87,7 +87,7 @@ async def completions(core, request: Request, chat: bool) -> Response:
         err = as_service_error(exc)
         _record(core, route, model, status_of(err)[0], start, err.code, adapter)
         return error_response(err, rid)
-    use = usage(prompt_tokens, sum(len(s.tokens) for s in stream.seqs))
+    use = usage(prompt_tokens, sum(len(s.tokens) for s in stream.seqs), sum(s.reused for s in stream.seqs))
     make = chat_body if chat else completion_body
     _record(core, route, model, 200, start, None, adapter)
     return json_response(200, make(rid, created, body.model, texts, reasons, use))
@@ -123,7 +123,7 @@ async def _events(core, stream: Stream, chat, rid, created, model, prompt_tokens
             choice = choice_delta(chat, index[d.seq.id], d.text, d.finish)
             yield _sse(chunk(chat, rid, created, model, [choice], use))
         if include_usage:
-            total = usage(prompt_tokens, sum(len(s.tokens) for s in stream.seqs))
+            total = usage(prompt_tokens, sum(len(s.tokens) for s in stream.seqs), sum(s.reused for s in stream.seqs))
             yield _sse(chunk(chat, rid, created, model, [], total))
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
         status, code = 499, "client_closed"

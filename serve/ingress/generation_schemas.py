@@ -141,8 +141,10 @@ class ChatCompletionRequest(_Generate):
 
 
 # -- responses --------------------------------------------------------------------------------
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """OpenAI's usage object; ``cached``: prompt tokens served from the prefix cache."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def completion_body(rid: str, created: int, model: str, texts: list[str], reasons: list, use: dict) -> dict:

@@ -94,7 +94,8 @@ class GenerativeServer(ModelServer):
             if after > 0:
                 tpot = (stream.last_token - stream.first_token) / after
         reasons = [s.finish or "abort" for s in stream.seqs]
-        self._observer.generation_done(prompt, tokens, ttft, tpot, reasons)
+        cached = sum(s.reused for s in stream.seqs)
+        self._observer.generation_done(prompt, tokens, ttft, tpot, reasons, cached)
 
     def encode_prompt(self, prompt) -> list[int]:
         return self._ready().encode_prompt(prompt)

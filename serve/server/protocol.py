@@ -75,7 +75,7 @@ class Observer(Protocol):
     def decode_step(self, running: int, waiting: int, kv_usage: float, step_ms: float) -> None: ...
 
     def generation_done(self, prompt_tokens: int, tokens: int, ttft_s: float | None, tpot_s: float | None,
-                        reasons: list[str]) -> None: ...
+                        reasons: list[str], cached_tokens: int = 0) -> None: ...
 
 
 class NullObserver:
@@ -106,5 +106,5 @@ class NullObserver:
         pass
 
     def generation_done(self, prompt_tokens: int, tokens: int, ttft_s: float | None, tpot_s: float | None,
-                        reasons: list[str]) -> None:
+                        reasons: list[str], cached_tokens: int = 0) -> None:
         pass

@@ -68,6 +68,8 @@ def test_openai_client_streams_chat_from_the_base_and_its_adapter(service):
     assert " felt " not in texts["storyteller"][:len(name) + 8], texts
     whole = client.chat.completions.create(model="ending", messages=ask, max_tokens=40, temperature=0)
     assert whole.choices[0].message.content == texts["ending"]  # streamed = not streamed
+    # the same prompt again: its KV came from the prefix cache (all but the last partial block)
+    assert whole.usage.prompt_tokens_details.cached_tokens >= whole.usage.prompt_tokens - 8
 
 
 def test_greedy_completions_equal_generate_for_the_base_and_the_adapter(client, gen_adapter, tokenizer, adapter_store):

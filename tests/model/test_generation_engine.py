@@ -207,3 +207,48 @@ def test_a_finished_sequence_is_replaced_by_one_move_not_a_shift():
         e.step()
     for s in seqs[:1] + seqs[2:]:
         assert s.tokens == greedy_reference(s.prompt, NEW)
+
+
+SHARED = "<|user|>\nWrite a short story about a "  # the chat template's start and the ask: 9+ tokens
+
+
+def test_a_shared_prefix_is_reused_per_adapter_and_keeps_parity(store):
+    b = load(store, ("gen-a", "gen-b"))
+    first = [GenSeq(b.encode_prompt(SHARED + "dog named Tom."), greedy(), a) for a in (None, "gen-a")]
+    run(b.engine, first)
+    assert [s.reused for s in first] == [0, 0]  # nothing cached yet
+    later = [GenSeq(b.encode_prompt(SHARED + "cat named Mia."), greedy(), a) for a in (None, "gen-a", "gen-b")]
+    run(b.engine, later)
+    block = b.engine.prefix.block
+    assert later[0].reused >= block and later[1].reused >= block  # the template's KV, per adapter
+    assert later[2].reused == 0  # gen-b never ran this prefix: another adapter's KV is not its own
+    for s in first + later:
+        assert s.reused < len(s.prompt)  # the last token is always computed: it gives the first output
+        ref = greedy_reference(s.prompt, NEW, adapter_dir=None if s.adapter is None else store / s.adapter)
+        assert s.tokens == ref, s.adapter
+
+
+def test_an_adapter_reloaded_under_its_name_does_not_reuse_the_old_kv(store, tmp_path):
+    b = load(store, ("gen-a",))
+    prompt = b.encode_prompt(PROMPTS[2])
+    run(b.engine, [GenSeq(prompt, greedy(), "gen-a")])
+    make_causal_adapter(tmp_path / "gen-a", seed=99)  # other weights, the same name
+    b.remove_adapter("gen-a")
+    check = validate_adapter("gen-a", [tmp_path], base_shapes=base_weight_shapes(Path(STORYTELLER)),
+                             task="generate", max_rank=64)
+    b.add_adapter("gen-a", check, "generate")
+    again = GenSeq(prompt, greedy(), "gen-a")
+    run(b.engine, [again])
+    assert again.reused == 0
+    assert again.tokens == greedy_reference(prompt, NEW, adapter_dir=tmp_path / "gen-a")
+    assert again.tokens != greedy_reference(prompt, NEW, adapter_dir=store / "gen-a")
+
+
+def test_prefix_cache_off_computes_every_prompt_token():
+    b = load(prefix_cache_mb=0)
+    assert b.engine.prefix is None
+    seqs = [GenSeq(b.encode_prompt(PROMPTS[2]), greedy(), None) for _ in range(2)]
+    run(b.engine, seqs[:1])
+    run(b.engine, seqs[1:])
+    assert [s.reused for s in seqs] == [0, 0]
+    assert seqs[1].tokens == seqs[0].tokens == greedy_reference(seqs[0].prompt, NEW)

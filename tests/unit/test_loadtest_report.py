@@ -148,3 +148,15 @@ def test_build_steps_are_named_alike_in_every_build():
     assert step_name("minilm: onnx-int8 built in 3.7 s") == "onnx-int8 built"
     assert step_name("minilm: torch references on 64 probe sentences (bare, and with ...) in 2.4 s") == \
         "torch references on probe sentences"
+
+
+def test_generation_bars_pair_repetitions_and_count_those_that_hold():
+    from loadtest.bench_generation import bars
+
+    pt = lambda tps, p50, p99: {"tokens_per_s": tps, "ttft_p50_ms": p50, "ttft_p99_ms": p99}  # noqa: E731
+    results = {f"{k}/{m}": {"1": [pt(100, 10, 12), pt(100, 8, 9)], "16": [pt(t, 20, 30), pt(t, 20, 30)],
+                            "32": [pt(900, 30, 45), pt(900, 30, 52)]}
+               for k, t in (("continuous", 900), ("per_request", 100)) for m in ("1", "8")}
+    out = "\n".join(bars(results, [1, 16, 32]))
+    assert "one generate per request, 1 adapter(s) >= 4x: 9.0x" in out
+    assert "<= 5x, 1 adapter(s): 5.5x (4.5-6.5), 1 of 2 repetitions <= 5x -> MISSED" in out
