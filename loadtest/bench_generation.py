@@ -63,13 +63,17 @@ def make_adapters(base: Path, root: Path, n: int) -> list[str]:
 STORYTELLER = "package:models.generative.storyteller"
 
 
+# words the default base was trained on (its corpus, models/generative/corpus.py)
+ANIMALS = ["cat", "dog", "rabbit", "fox", "bear", "duck", "mouse", "owl", "frog", "pig", "horse", "bird"]
+NAMES = ["Mia", "Tom", "Lily", "Ben", "Zoe", "Max", "Anna", "Leo", "Sara", "Sam", "Ella", "Finn", "Nora",
+         "Jack", "Ruby", "Owen", "Ivy", "Noah", "Lucy", "Theo"]
+
+
 def prompts(tokenizer, n: int) -> list[list[int]]:
     """``n`` different chat prompts (up to 480), in a seeded order: no prompt is sent twice, so our
     engine's prefix cache can reuse only what real prompts share (the chat template and the first
     words of the ask), never a whole repeated prompt. The animals and names are the ones the
     default base was trained on; "named" and "called" asks get stories of the same length."""
-    from models.generative.corpus import ANIMALS, NAMES
-
     asks = [f"Write a short story about a {a} {verb} {who}." for a in ANIMALS for who in NAMES
             for verb in ("named", "called")]
     if n > len(asks):
@@ -260,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
              "prompts: every request a different chat prompt (the template and 'Write a short story about a' "
              "are shared: what our prefix cache can reuse; the baselines have none)",
              "CPU steal %: the share of CPU time the hypervisor gave to other guests while the point ran "
-             "(/proc/stat); a tail in a point with high steal is the machine's, not the engine's"
+             "(/proc/stat); a tail in a point with high steal is the machine's, not the engine's",
              "8 adapters: requests cycle through them; per request peft set_adapter (one generate per "
              "request), peft adapter_names (static batches), slots (ours)"]
     facts = report.machine(argv, MODULE, a.reps)

@@ -43,6 +43,7 @@ def faulty(tiny_models, tmp_path_factory):
     setup.args["adapters"]["preload"] = []
     tiny = setup.args["models"][0]
     tiny["batching"] = {"max_batch_size": 8, "max_wait_ms": 0, "max_queue_rows": 16}
+    tiny["variants"] = ["torch"]  # the faults are the replicas', not a variant's: no ONNX builds
     setup.config["applications"][0]["deployments"] = [
         {"name": "Router", "num_replicas": 2, "health_check_period_s": 1, "health_check_timeout_s": 4,
          "graceful_shutdown_timeout_s": 2}]
