@@ -235,7 +235,8 @@ class GenerationMetrics(ModelMetrics):
             boundaries=LATENCY_S, tag_keys=keys,
         )
         self.prompt_tokens = Counter(
-            "loraserve_prompt_tokens_total", description="Prompt tokens prefilled.", tag_keys=keys,
+            "loraserve_prompt_tokens_total", description="Prompt tokens of ended requests (those taken from "
+            "the prefix cache included).", tag_keys=keys,
         )
         self.prefix_hits = Counter(
             "loraserve_prefix_cache_hits_total",

@@ -13,7 +13,8 @@ TOPIC_LABELS = ("world", "sports", "business", "science")
 
 # Integration tests that start a service (or a cluster) of their own. They run first, before the
 # session's shared service starts (at its first use, living to the end of the run): on 2 cores an
-# idle Ray beside them slows their start-ups (the cluster's took 138 s in a full run, 77 s alone).
+# idle Ray beside them slows their start-ups (measured once: the cluster set-up took 138 s in a full
+# run, 77 s alone).
 OWN_SERVICE = ("test_cli.py", "test_cluster.py", "test_faults.py")
 
 

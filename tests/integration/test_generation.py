@@ -152,13 +152,17 @@ def test_a_disconnected_stream_frees_its_slot(service, client):
 
 
 def test_generation_metrics_are_exported(service, client):
-    assert client.post("/v1/completions", json={**GOOD, "max_tokens": 8}).status_code == 200
+    long = {**GOOD, "prompt": "Once upon a time there was a little fox who lived by the river and", "max_tokens": 8}
+    for _ in range(2):  # the second one's prompt start comes from the prefix cache
+        r = client.post("/v1/completions", json=long)
+        assert r.status_code == 200
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 8
 
     def exported():
         text = scrape(service)
         names = ("ray_loraserve_time_to_first_token_seconds_count", "ray_loraserve_time_per_output_token_seconds_count",
                  "ray_loraserve_prompt_tokens_total", "ray_loraserve_generation_tokens_total",
-                 "ray_loraserve_decode_step_seconds_count")
+                 "ray_loraserve_decode_step_seconds_count", "ray_loraserve_prefix_cache_hits_total")
         return text if all(series(text, n, model="storyteller") > 0 for n in names) else None
 
     text = wait_until(exported, "generation metrics", every_s=1)
