@@ -64,8 +64,8 @@ class AdapterPolicy(_Strict):
 
 
 class ParitySpec(_Strict):
-    """What an ONNX variant must match before it serves (against torch, on the probe set
-    ``models/data/probe.txt``; see ``models.variants.parity``)."""
+    """What an ONNX variant must match before it serves (against torch, on the probe set:
+    ``models/data/probe.txt`` and the short snippets; see ``models.variants.probe``)."""
 
     fp32_max_abs_diff: float = Field(
         1e-4, gt=0, description="`onnx`: largest allowed absolute difference of any embedding "
@@ -74,6 +74,10 @@ class ParitySpec(_Strict):
     int8_cosine: float = Field(
         0.99, gt=0, le=1, description="`onnx-int8`: least mean cosine similarity of outputs "
         "(embeddings, or class probabilities) to torch's over the probe set.",
+    )
+    int8_min_cosine: float = Field(
+        0.99, gt=0, le=1, description="`onnx-int8`: least cosine similarity of any one probe "
+        "input's output to torch's (the probe set includes inputs of one to three words).",
     )
     int8_label_agreement: float = Field(
         0.99, gt=0, le=1, description="`onnx-int8` on a classifier: least share of probe "
@@ -100,6 +104,21 @@ class OnnxSpec(_Strict):
         True, description="Per-channel weight scales. On all-MiniLM-L6-v2 (an AVX2 build) int8 "
         "reaches a mean cosine of 0.9916 with them and 0.9570 per-tensor, which fails the gate "
         "(loadtest/results/variants-build.md).",
+    )
+    smoothquant: bool = Field(
+        True, description="Before int8: SmoothQuant on the exported graph (activation ranges "
+        "from 256 real calibration sentences), the first feed-forward output projections kept "
+        "fp32, the embedding tables fp32 and padding zeroed after the embeddings "
+        "(models.variants.smoothing). Off: the "
+        "plain graph is quantized, embedding tables included (the build before this recipe).",
+    )
+    smoothquant_alpha: float = Field(
+        0.7, ge=0, le=1, description="SmoothQuant's migration strength: how much of each "
+        "activation channel's range moves into the weights.",
+    )
+    int8_fp32_ffn_share: float = Field(
+        0.67, ge=0, le=1, description="Share of the feed-forward output projections (the "
+        "first layers first) kept in fp32 in `onnx-int8`, when `smoothquant` is on.",
     )
     reload_poll_s: float = Field(
         2.0, ge=0, description="How often a replica checks its variant files for replacement "

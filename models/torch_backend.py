@@ -18,6 +18,7 @@ from models.backend import Backend, max_input_tokens
 from models.errors import ModelLoadError, TaskNotSupported
 from models.lora_slots import Head, LoraEncoder, SlotAdapters
 from models.tokenization import InputEncoder
+from models.weight_layout import column_major_linear_weights
 
 
 class TorchBackend(SlotAdapters, Backend):
@@ -45,7 +46,7 @@ class TorchBackend(SlotAdapters, Backend):
                 raise TaskNotSupported(f"the torch encoder backend does not serve {self.spec.task!r}")
         except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise ModelLoadError(f"cannot load model {self.spec.id!r} from {self.path}: {exc}") from exc
-        _column_major_linear_weights(encoder)
+        column_major_linear_weights(encoder)
         self.lora = LoraEncoder(encoder.eval(), slots=self.spec.adapters.adapters_per_replica)
         self.encoder = InputEncoder(tokenizer, max_input_tokens(self.spec, self.path, tokenizer, config))
 
@@ -94,20 +95,6 @@ class TorchBackend(SlotAdapters, Backend):
     def close(self) -> None:
         super().close()
         self.lora = None
-
-
-def _column_major_linear_weights(module: torch.nn.Module) -> None:
-    """Store each ``Linear`` weight column-major: same values, same ``[out, in]`` shape.
-
-    ``F.linear`` computes ``x @ W.T``. With ``W`` row-major, MKL's sgemm repacks the whole weight
-    on every call, which for the dozen token rows of a one-sentence request is most of the
-    matmul (a py-spy profile of a replica showed it in ``sgemm_scopy``). With ``W.T``
-    contiguous it does not; outputs are bit-identical. The one-sentence latency this gives is
-    measured in ``loadtest/results/variants.md`` (torch, one sentence in process).
-    """
-    for m in module.modules():
-        if isinstance(m, torch.nn.Linear):
-            m.weight.data = m.weight.data.t().contiguous().t()
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

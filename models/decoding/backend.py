@@ -18,6 +18,7 @@ from models.backend import Backend, max_input_tokens
 from models.decoding.engine import DecodeEngine
 from models.errors import InvalidRequest, ModelLoadError, TaskNotSupported
 from models.lora_slots import LoraEncoder, SlotAdapters
+from models.weight_layout import column_major_linear_weights
 
 
 class GenerativeBackend(SlotAdapters, Backend):
@@ -41,6 +42,7 @@ class GenerativeBackend(SlotAdapters, Backend):
                for i in (x if isinstance(x, list) else [x]) if i is not None}
         self.tokenizer = tokenizer
         self.context = max_input_tokens(self.spec, self.path, tokenizer, config)
+        column_major_linear_weights(model)  # decode passes of 32 rows: see models/weight_layout.py
         self.lora = LoraEncoder(model, slots=self.spec.adapters.adapters_per_replica)
         g = self.spec.generation
         self.engine = DecodeEngine(

@@ -5,9 +5,12 @@ Pipeline (``ensure_variants``), each step printed with its time:
 1. export the encoder with optimum (``main_export``, task ``feature-extraction``, the legacy
    torch exporter: node names follow module names, which step 2 relies on);
 2. ``lora.onnx``: the same graph with LoRA stacks as inputs (``models.onnx_graph``);
-3. ``onnx-int8``: optimum's ``ORTQuantizer`` with the dynamic config of this CPU's instruction
-   set (``cpu_quantization``: avx512_vnni / avx512 / avx2 / arm64), per-channel weights; the
-   LoRA branches and the attention-score products (activation x activation) stay fp32;
+3. ``onnx-int8``: first SmoothQuant and the first feed-forward output projections kept fp32
+   (``models.variants.smoothing.recipe``; activation ranges from real calibration sentences the
+   probe never reads), then optimum's ``ORTQuantizer`` with the dynamic config of this CPU's
+   instruction set (``cpu_quantization``: avx512_vnni / avx512 / avx2 / arm64), per-channel
+   weights; the LoRA branches and the attention-score products (activation x activation) stay
+   fp32. What was chosen (ISA, alpha, the fp32 MatMuls) is in the manifest's ``int8``;
 4. ONNX Runtime graph optimization, applied offline at the ``extended`` level (fusions that are
    portable across x86 CPUs) and saved; sessions add the configured level when they open;
 5. a seeded random probe adapter (``write_probe_adapter``), the torch references on the probe
@@ -110,6 +113,7 @@ def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
     _export(source, raw)
     say(f"{spec.id}: exported in {time.perf_counter() - t:.1f} s")
     model = onnx.load(str(raw / "model.onnx"))
+    maxima = _calibrate(spec, source, model, settings)
     modules = add_lora_inputs(model)
     onnx.save(model, str(raw / "lora.onnx"))
     say(f"{spec.id}: LoRA inputs on {len(modules)} linear layers")
@@ -120,7 +124,7 @@ def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
         for name in FILES:
             src = raw / name
             if variant == "onnx-int8":
-                src = _quantize(src, out / "quantized", settings)
+                src, int8 = _quantize(src, out / "quantized", settings, maxima)
             _optimize_offline(src, dest / name)
         say(f"{spec.id}: {variant} built in {time.perf_counter() - t:.1f} s")
     shutil.rmtree(raw)
@@ -141,6 +145,7 @@ def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
             "settings": settings,
             "versions": tool_versions(),
             "modules": {m: list(d) for m, d in modules.items()},
+            **({"int8": int8} if variant == "onnx-int8" else {}),
             "built_at": int(time.time()),
         }
         (out / variant / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -178,18 +183,57 @@ def _export(source: Path, dest: Path) -> None:
         hf_logging.set_verbosity(verbosity)
 
 
-def _quantize(src: Path, work: Path, settings: dict) -> Path:
+def _calibrate(spec: ModelSpec, source: Path, model, settings: dict) -> dict[str, np.ndarray] | None:
+    """Per-channel activation maxima of the MatMul inputs SmoothQuant may smooth, over the
+    calibration sentences run through the exported fp32 graph (batches of 32)."""
+    if not settings["smoothquant"]:
+        return None
+    from transformers import AutoTokenizer
+
+    from models.variants.smoothing import calibration_texts, channel_maxima, matmul_groups
+
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    inputs = {i.name for i in model.graph.input}
+    texts = calibration_texts()
+    limit = settings["outputs"]["max_input_tokens"] or tokenizer.model_max_length
+    batches = []
+    for i in range(0, len(texts), 32):
+        enc = tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=min(limit, 512),
+                        return_tensors="np")
+        batches.append(({k: v.astype(np.int64) for k, v in enc.items() if k in inputs}, enc["attention_mask"]))
+    names = list(matmul_groups(model, _quantizable))
+    return channel_maxima(model, names, batches)
+
+
+def _quantizable(node) -> bool:
+    """Not the LoRA branches, not activation x activation."""
+    return "/lora/" not in node.name and not _attention_product(node)
+
+
+def _quantize(src: Path, work: Path, settings: dict, maxima: dict | None) -> tuple[Path, dict]:
     import onnx
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    graph = onnx.load(str(src), load_external_data=False).graph
-    keep_fp32 = [n.name for n in graph.node if "/lora/" in n.name or _attention_product(n)]
+    from models.variants.smoothing import recipe
+
+    model = onnx.load(str(src))
+    info: dict = {"isa": settings["quantization"], "per_channel": settings["per_channel"], "smoothquant": None}
+    fp32: list[str] = []
+    if maxima is not None:
+        sq = settings["smoothquant"]
+        info["smoothquant"] = recipe(model, _quantizable, maxima, sq["alpha"], sq["fp32_ffn_share"])
+        # and the embedding tables: int8 tables cost accuracy on every token, a Gather gains nothing
+        fp32 = info["smoothquant"]["fp32_matmuls"] + [n.name for n in model.graph.node if n.op_type == "Gather"]
+        work.mkdir(parents=True, exist_ok=True)
+        src = work / f"{src.stem}_smoothed.onnx"
+        onnx.save(model, str(src))
+    keep_fp32 = [n.name for n in model.graph.node if not _quantizable(n)] + fp32
     config = getattr(AutoQuantizationConfig, settings["quantization"])(
         is_static=False, per_channel=settings["per_channel"], nodes_to_exclude=keep_fp32)
     quantizer = ORTQuantizer.from_pretrained(src.parent, file_name=src.name)
     quantizer.quantize(save_dir=work, quantization_config=config, file_suffix="int8")
-    return work / f"{src.stem}_int8.onnx"
+    return work / f"{src.stem}_int8.onnx", info
 
 
 def _attention_product(node) -> bool:

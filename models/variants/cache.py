@@ -18,9 +18,8 @@ import numpy as np
 
 from models.errors import ModelLoadError
 from models.onnx_graph import FILES, MANIFEST
-from models.sources import sha256_file
 from models.spec import ONNX_VARIANTS, ModelSpec
-from models.variants.probe import PROBE_FILE, PROBE_STD
+from models.variants.probe import CALIBRATION_TEXTS, PROBE_STD, probe_texts
 
 REFERENCE = "reference.npy"  # torch, probe set, bare base
 PROBE_ADAPTER = "probe-adapter"  # a seeded random LoRA on every linear layer (peft format)
@@ -55,11 +54,13 @@ def build_settings(spec: ModelSpec) -> dict:
         "format": BUILD_FORMAT,
         "quantization": cpu_quantization() if isa == "auto" else isa,
         "per_channel": spec.onnx.per_channel,
+        "smoothquant": {"alpha": spec.onnx.smoothquant_alpha, "fp32_ffn_share": spec.onnx.int8_fp32_ffn_share,
+                        "calibration_texts": CALIBRATION_TEXTS} if spec.onnx.smoothquant else None,
         "offline_optimization": "extended",
         # the references: the outputs torch computes, on which probe sentences
         "outputs": {"task": spec.task, "normalize": spec.normalize, "pooling": spec.pooling,
                     "max_input_tokens": spec.max_input_tokens},
-        "probe_sha256": sha256_file(PROBE_FILE),
+        "probe_sha256": hashlib.sha256("\n".join(probe_texts()).encode()).hexdigest(),
         "probe_adapter_std": PROBE_STD,
     }
 

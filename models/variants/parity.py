@@ -5,8 +5,8 @@ served torch backend returns for them (pooled embeddings, or class probabilities
 per checkpoint and cached with the variants. Rules (thresholds in ``ModelSpec.onnx.parity``):
 
 - ``onnx`` (fp32): the largest absolute difference of any output component <= ``fp32_max_abs_diff``;
-- ``onnx-int8``: mean cosine similarity to the reference >= ``int8_cosine`` and, for a
-  classifier, top-label agreement >= ``int8_label_agreement``.
+- ``onnx-int8``: mean cosine similarity to the reference >= ``int8_cosine``, every probe
+  input's >= ``int8_min_cosine`` and, for a classifier, top-label agreement >= ``int8_label_agreement``.
 
 The result is a plain dict: it travels to ``/v1/models`` as is.
 """
@@ -76,7 +76,9 @@ def compare(variant: str, task: str, ours: np.ndarray, ref: np.ndarray, spec: Pa
         if task == "classify" and result["label_agreement"] < spec.int8_label_agreement:
             failures.append(
                 f"label agreement {result['label_agreement']:.3f} < {spec.int8_label_agreement}")
-        result["thresholds"] = {"int8_cosine": spec.int8_cosine}
+        if result["min_cosine"] < spec.int8_min_cosine:
+            failures.append(f"min cosine {result['min_cosine']:.5f} < {spec.int8_min_cosine}")
+        result["thresholds"] = {"int8_cosine": spec.int8_cosine, "int8_min_cosine": spec.int8_min_cosine}
         if task == "classify":
             result["thresholds"]["int8_label_agreement"] = spec.int8_label_agreement
     else:

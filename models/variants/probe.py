@@ -1,7 +1,9 @@
 """The probe set and the probe adapter the parity gate runs.
 
-The probe set (``models/data/probe.txt``, shipped) holds 64 sentences of 3 to 117 tokens:
-reviews, headlines, code, other languages, emoji, long paragraphs. The probe adapter is a seeded
+The probe set: the 64 sentences of ``models/data/probe.txt`` (3 to 117 tokens: reviews,
+headlines, code, other languages, emoji, long paragraphs), then every distinct input of one to
+three words in the human-rated VADER snippets (``models/data/snippets``, real text: "Maybe.",
+"Great stuff.", "Forget it."), where int8 loses the most: every token counts. The probe adapter is a seeded
 random LoRA (peft's own format) on every linear layer of the encoder: run on every other probe
 row, it holds the LoRA graph's gathers, scaling and per-row indices to torch, not only the base
 weights.
@@ -18,6 +20,9 @@ from models.adapters.weights import base_weight_shapes
 from models.spec import ModelSpec
 
 PROBE_FILE = Path(__file__).resolve().parent.parent / "data" / "probe.txt"
+SNIPPETS = PROBE_FILE.parent / "snippets"  # VADER's real sentences (MIT, license beside them)
+SHORT_WORDS = 3
+CALIBRATION_TEXTS = 256  # longer snippets int8 calibration reads (models.variants.smoothing)
 PROBE_BATCH = 16
 PROBE_KEY = "__parity_probe__"  # the probe adapter's key inside a backend while it is checked
 # std of the probe adapter's LoRA matrices at hidden size 384, scaled by sqrt(384 / hidden):
@@ -27,7 +32,22 @@ PROBE_STD = 0.05
 
 
 def probe_texts() -> list[str]:
-    return [line for line in PROBE_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in PROBE_FILE.read_text(encoding="utf-8").splitlines() if line.strip()] + short_texts()
+
+
+def snippet_texts() -> list[str]:
+    """Every snippet's text, in file order (``id<TAB>rating<TAB>text`` per line)."""
+    return [line.split("\t")[-1].strip() for path in sorted(SNIPPETS.glob("*_GroundTruth.txt"))
+            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def short_texts() -> list[str]:
+    """The distinct snippets of one to ``SHORT_WORDS`` words, in file order."""
+    seen: dict[str, None] = {}
+    for text in snippet_texts():
+        if 0 < len(text.split()) <= SHORT_WORDS:
+            seen.setdefault(text)
+    return list(seen)
 
 
 def run_probe(backend, texts: list[str] | None = None, adapter: str | None = None,

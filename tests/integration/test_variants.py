@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from models.sources import resolve_source
 from models.variants.cache import variant_root
+from models.variants.probe import probe_texts
 from tests.conftest import peft_reference
 from tests.integration.conftest import REPO_ADAPTERS
 from tests.waiting import wait_until
@@ -45,8 +46,10 @@ def test_models_list_every_variant_with_its_parity(client):
     assert list(v) == ["torch", "onnx", "onnx-int8"]
     assert v["torch"]["default"] and v["torch"]["status"] == "serving"
     assert v["onnx"]["status"] == "serving" and v["onnx"]["parity"]["passed"]
-    assert v["onnx"]["parity"]["max_abs_diff"] <= 1e-4 and v["onnx"]["parity"]["probes"] == 64
-    assert v["onnx-int8"]["status"] == "serving" and v["onnx-int8"]["parity"]["mean_cosine"] >= 0.99
+    assert v["onnx"]["parity"]["max_abs_diff"] <= 1e-4 and v["onnx"]["parity"]["probes"] == len(probe_texts())
+    int8 = v["onnx-int8"]["parity"]
+    assert v["onnx-int8"]["status"] == "serving" and int8["mean_cosine"] >= 0.99 and int8["min_cosine"] >= 0.99
+    assert int8["thresholds"] == {"int8_cosine": 0.99, "int8_min_cosine": 0.99}
     assert set(v["onnx"]["files"]) == {"model.onnx", "lora.onnx"}
     remote = variants(client, "topics")  # a deployment of its own answers through its handle
     assert remote["onnx"]["status"] == "serving" and remote["onnx"]["parity"]["label_agreement"] == 1.0

@@ -1,13 +1,15 @@
 """SmoothQuant on an ONNX graph: the smoothed graph computes the same function, MatMuls reading
 one tensor share one Mul, and with outlier channels in the activations (as transformers have)
-dynamic int8 of the smoothed graph is far closer to fp32 than of the plain one."""
+dynamic int8 of the smoothed graph is far closer to fp32 than of the plain one. The build's
+recipe: GELU-fed MatMuls kept fp32, padding zeroed, calibration texts the probe never reads."""
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from models.variants.smoothing import channel_maxima, matmul_groups, smooth
+from models.variants.probe import CALIBRATION_TEXTS, SHORT_WORDS, probe_texts, short_texts
+from models.variants.smoothing import calibration_texts, channel_maxima, gelu_fed, matmul_groups, recipe, smooth
 
 OUTLIERS = (3, 5)
 
@@ -84,3 +86,69 @@ def test_dynamic_int8_of_the_smoothed_graph_is_closer_to_fp32(tmp_path):
     print(f"relative RMS error of y, z: plain {plain}, smoothed {smooth_err}")
     # alpha matters: 0.5 (the paper's default) did worse than no smoothing here, as on minilm
     assert all(s < 0.75 * p for s, p in zip(smooth_err, plain)), (plain, smooth_err)
+
+
+def encoder_block() -> onnx.ModelProto:
+    """x -> LayerNorm = h;  h @ W1 -> GELU (the exported Erf form) -> @ W2 = y;  h @ W3 = z."""
+    rng = np.random.default_rng(1)
+    w = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+         for name, shape in (("W1", (8, 16)), ("W2", (16, 4)), ("W3", (8, 4)))]
+    w += [numpy_helper.from_array(np.ones(8, np.float32), "ln_scale"),
+          numpy_helper.from_array(np.full(8, 0.5, np.float32), "ln_bias"),
+          numpy_helper.from_array(np.array(1.4142135, np.float32), "sqrt2"),
+          numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+          numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "ln_scale", "ln_bias"], ["h"], name="/ln", axis=-1),
+             helper.make_node("MatMul", ["h", "W1"], ["a"], name="/mm1"),
+             helper.make_node("Div", ["a", "sqrt2"], ["a1"], name="/gelu/Div"),
+             helper.make_node("Erf", ["a1"], ["a2"], name="/gelu/Erf"),
+             helper.make_node("Add", ["a2", "one"], ["a3"], name="/gelu/Add"),
+             helper.make_node("Mul", ["a", "a3"], ["a4"], name="/gelu/Mul"),
+             helper.make_node("Mul", ["a4", "half"], ["g"], name="/gelu/Mul_1"),
+             helper.make_node("MatMul", ["g", "W2"], ["y"], name="/mm2"),
+             helper.make_node("MatMul", ["h", "W3"], ["z"], name="/mm3")]
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 8]),
+           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"])]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "t", None]) for n in "yz"]
+    return helper.make_model(helper.make_graph(nodes, "g", ins, outs, w), opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_recipe_keeps_gelu_fed_matmuls_fp32_smooths_the_rest_and_zeroes_padding():
+    model = encoder_block()
+    assert [n.name for n in gelu_fed(model)] == ["/mm2"]
+    x = inputs(seed=5)
+    mask = np.ones((4, 6), np.int64)
+    mask[1:, 4:] = 0  # rows 1-3 padded after 4 tokens
+    feed = {"x": x, "attention_mask": mask}
+    groups = matmul_groups(model, keep=lambda n: True)
+    maxima = channel_maxima(model, list(groups), [(feed, mask)])
+    info = recipe(model, lambda n: True, maxima, alpha=0.7, fp32_share=1.0)
+    assert info["fp32_matmuls"] == ["/mm2"] and info["smoothed_matmuls"] == 2 and info["smoothing_muls"] == 1
+    assert info["padding_zeroed_after"] == "h/padding_zeroed"
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, feed)
+    want = ort.InferenceSession(encoder_block().SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    real = mask.astype(bool)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g[real], w[real], rtol=1e-4, atol=1e-4)  # real tokens: the same function
+        assert not np.any(g[~real]) and np.any(w[~real])  # padding: exact zeros (GELU(0) = 0, no biases)
+
+
+def test_half_of_the_gelu_fed_matmuls_is_rounded_up():
+    model = encoder_block()
+    info = recipe(model, lambda n: True, {"h": np.ones(8, np.float32), "g": np.ones(16, np.float32)}, 0.7, 0.5)
+    assert info["fp32_matmuls"] == ["/mm2"]  # ceil(0.5 x 1)
+    info = recipe(encoder_block(), lambda n: True, {"h": np.ones(8, np.float32), "g": np.ones(16, np.float32)}, 0.7, 0.0)
+    assert info["fp32_matmuls"] == [] and info["smoothed_matmuls"] == 3
+
+
+def test_calibration_texts_are_real_sentences_the_probe_never_reads():
+    cal = calibration_texts()
+    assert len(cal) == CALIBRATION_TEXTS == len(set(cal)) and cal == calibration_texts()
+    assert all(len(t.split()) > SHORT_WORDS for t in cal)
+    assert not set(cal) & set(probe_texts())
+    short = short_texts()
+    assert len(short) >= 300 and len(set(short)) == len(short)
+    assert all(1 <= len(t.split()) <= SHORT_WORDS for t in short)
+    assert probe_texts()[-len(short):] == short and len(probe_texts()) == 64 + len(short)
