@@ -118,7 +118,8 @@ class OnnxSpec(_Strict):
     )
     int8_fp32_ffn_share: float = Field(
         0.67, ge=0, le=1, description="Share of the feed-forward output projections (the "
-        "first layers first) kept in fp32 in `onnx-int8`, when `smoothquant` is on.",
+        "first layers first, rounded to the nearest count: 4 of minilm's 6) kept in fp32 in "
+        "`onnx-int8`, when `smoothquant` is on.",
     )
     reload_poll_s: float = Field(
         2.0, ge=0, description="How often a replica checks its variant files for replacement "

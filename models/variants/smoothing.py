@@ -90,12 +90,12 @@ def zero_padding(model: onnx.ModelProto) -> str | None:
 
 def recipe(model: onnx.ModelProto, keep: Callable[[onnx.NodeProto], bool], maxima: dict[str, np.ndarray],
            alpha: float, fp32_share: float) -> dict:
-    """Prepare ``model`` in place for int8: the first ``ceil(fp32_share x count)`` GELU-fed MatMuls
+    """Prepare ``model`` in place for int8: the first ``fp32_share x count`` (rounded) GELU-fed MatMuls
     stay fp32 (returned, for the quantizer to exclude), the other MatMuls ``keep`` accepts are
     smoothed with ``maxima`` (``channel_maxima`` of the same graph's tensors), and padding is
     zeroed after the embeddings (``zero_padding``)."""
     ffn = gelu_fed(model)
-    fp32 = [n.name for n in ffn[:math.ceil(fp32_share * len(ffn))]]
+    fp32 = [n.name for n in ffn[:math.floor(fp32_share * len(ffn) + 0.5)]]  # the nearest count
     groups = matmul_groups(model, lambda n: keep(n) and n.name not in fp32)
     muls = smooth(model, groups, maxima, alpha)
     zeroed = zero_padding(model)

@@ -135,10 +135,12 @@ def test_recipe_keeps_gelu_fed_matmuls_fp32_smooths_the_rest_and_zeroes_padding(
         assert not np.any(g[~real]) and np.any(w[~real])  # padding: exact zeros (GELU(0) = 0, no biases)
 
 
-def test_half_of_the_gelu_fed_matmuls_is_rounded_up():
+def test_the_share_of_gelu_fed_matmuls_kept_fp32_is_rounded_to_the_nearest_count():
     model = encoder_block()
     info = recipe(model, lambda n: True, {"h": np.ones(8, np.float32), "g": np.ones(16, np.float32)}, 0.7, 0.5)
-    assert info["fp32_matmuls"] == ["/mm2"]  # ceil(0.5 x 1)
+    assert info["fp32_matmuls"] == ["/mm2"]  # 0.5 x 1 rounds up
+    info = recipe(encoder_block(), lambda n: True, {"h": np.ones(8, np.float32), "g": np.ones(16, np.float32)}, 0.7, 0.4)
+    assert info["fp32_matmuls"] == []  # 0.4 x 1 rounds down
     info = recipe(encoder_block(), lambda n: True, {"h": np.ones(8, np.float32), "g": np.ones(16, np.float32)}, 0.7, 0.0)
     assert info["fp32_matmuls"] == [] and info["smoothed_matmuls"] == 3
 
