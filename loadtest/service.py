@@ -267,7 +267,7 @@ class Server:
     def replicas(self) -> int | None:
         """Router replica processes of this service now (-1 when not running; None for a server
         that is not ``loraserve up``)."""
-        if self.config is None:
+        if self.launch is None:
             return None
         if self.proc is None or self.proc.poll() is not None:
             return -1
