@@ -9,7 +9,7 @@ CONFIG ?= deploy/local.yaml
 TORCH  ?= torch==2.13.0
 
 .PHONY: up test install bench bench-deps prometheus-deps cluster-demo autoscale k8s bench-embeddings bench-variants bench-adapters bench-lora-impl bench-generation bench-registry \
-        bench-levers bench-variant-build locust adapters storyteller reproduce clean
+        bench-levers bench-variant-build bench-path-budget locust adapters storyteller reproduce clean
 
 install: $(STAMP)
 
@@ -36,7 +36,7 @@ test: $(STAMP) prometheus-deps
 # `make bench QUICK=1`: a smoke run of every scenario (one short repetition each, about 15 minutes;
 # written to loadtest/results/quick/, git-ignored). BENCH picks scenarios; BENCH_ARGS go to each
 # of them (options they share: --reps, --config); bench-<scenario> runs one, with its own options.
-BENCH      ?= bench_embeddings bench_variants bench_adapters bench_lora_impl variant_build bench_levers bench_generation bench_registry
+BENCH      ?= bench_embeddings bench_variants bench_adapters bench_lora_impl variant_build bench_levers bench_generation bench_registry bench_path_budget
 BENCH_ENV  := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 QUICK_ARG  := $(if $(filter 1,$(QUICK)),--quick,)
 
@@ -53,7 +53,7 @@ bench: bench-deps $(STAMP)
 	@rc=0; for s in $(BENCH); do echo "== loadtest.$$s"; \
 	  $(BENCH_ENV) $(PY) -m loadtest.$$s $(QUICK_ARG) $(BENCH_ARGS) || rc=1; done; exit $$rc
 
-bench-embeddings bench-variants bench-adapters bench-lora-impl bench-levers bench-variant-build bench-generation bench-registry: bench-deps $(STAMP)
+bench-embeddings bench-variants bench-adapters bench-lora-impl bench-levers bench-variant-build bench-generation bench-registry bench-path-budget: bench-deps $(STAMP)
 	$(BENCH_ENV) $(PY) -m loadtest.$(patsubst bench_variant_build,variant_build,$(subst -,_,$@)) $(QUICK_ARG) $(BENCH_ARGS)
 
 # Against a running `make up`: Zipf popularity over the served adapters, SLO checked at the end.
