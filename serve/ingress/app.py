@@ -4,6 +4,13 @@ Each route hands the request to the Ray-free logic: ``serve.ingress.core`` (infe
 ``serve.ingress.admin`` (adapter admin), ``serve.ingress.listing`` (models, health). FastAPI's
 own errors (unknown route, wrong method, its 422) are mapped to the error envelope here.
 
+The two hot routes (``/v1/embeddings``, ``/v1/classify``) are plain Starlette routes in front of
+FastAPI's: they take the raw request anyway, and FastAPI's per-request machinery around an
+endpoint (scope copies, dependency solving, its telemetry check, the exit-stack middleware) was
+about a tenth of a replica's CPU per request at c32 (``loadtest/results/path-budget.md``). They
+reach the Router as Ray's own class-based routes do (the replica context's servable object),
+kept on the app they are served by after the first request.
+
 No ``from __future__ import annotations`` here: Ray's ``@serve.ingress`` re-wraps the route methods and
 FastAPI must see real annotation objects (``Request``), not strings.
 """
@@ -13,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Route
 
 from models.errors import InvalidRequest, MethodNotAllowed, NotFound, ServiceError
 from serve.autoscaling import ADAPTER_LOADS_PER_S, LoadRate
@@ -27,6 +35,28 @@ from serve.server.wiring import build_servers, start_registry
 from serve.settings import AppSettings
 
 app = FastAPI(title="loraserve", docs_url=None, redoc_url=None)
+
+
+def _core(request: Request) -> RouterCore:
+    state = request.app.state
+    core = getattr(state, "core", None)
+    if core is None:
+        core = state.core = serve.get_replica_context().servable_object.core
+    return core
+
+
+async def _embeddings(request: Request) -> Response:
+    core = _core(request)
+    return await core.handle(request, "embeddings", EmbeddingsRequest, core.embeddings)
+
+
+async def _classify(request: Request) -> Response:
+    core = _core(request)
+    return await core.handle(request, "classify", ClassifyRequest, core.classify)
+
+
+app.router.routes[:0] = [Route("/v1/embeddings", _embeddings, methods=["POST"]),
+                         Route("/v1/classify", _classify, methods=["POST"])]
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -76,14 +106,6 @@ class Router:
         except ServiceError as err:
             return error_response(err)
         return json_response(200, await listing.models(self.core))
-
-    @app.post("/v1/embeddings")
-    async def embeddings(self, request: Request) -> Response:
-        return await self.core.handle(request, "embeddings", EmbeddingsRequest, self.core.embeddings)
-
-    @app.post("/v1/classify")
-    async def classify(self, request: Request) -> Response:
-        return await self.core.handle(request, "classify", ClassifyRequest, self.core.classify)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
