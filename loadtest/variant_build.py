@@ -86,8 +86,6 @@ def build_child(config: str, model_id: str, onnx_update: dict, worst: int, keep:
 def speed_child(config: str, model_id: str, caches: dict[str, str], rounds: int) -> dict:
     """int8 of each setting, interleaved: ms per single-sentence call and sentences/s in batches
     of 32, per round."""
-    import time as _time
-
     from loadtest.inprocess import model_spec
     from models import create_backend, probe_texts
     from serve.settings import load_settings
@@ -106,15 +104,15 @@ def speed_child(config: str, model_id: str, caches: dict[str, str], rounds: int)
             batch = (rows * 2)[:32]
             for r in rows[:5]:
                 b.predict([r])
-            t = _time.perf_counter()
+            t = time.perf_counter()
             for _ in range(6):
                 for r in rows:
                     b.predict([r])
-            out[label]["c1_ms"].append((_time.perf_counter() - t) / (6 * len(rows)) * 1000)
-            t = _time.perf_counter()
+            out[label]["c1_ms"].append((time.perf_counter() - t) / (6 * len(rows)) * 1000)
+            t = time.perf_counter()
             for _ in range(8):
                 b.predict(batch)
-            out[label]["batch32_per_s"].append(8 * 32 / (_time.perf_counter() - t))
+            out[label]["batch32_per_s"].append(8 * 32 / (time.perf_counter() - t))
     for b in backends.values():
         b.close()
     return out

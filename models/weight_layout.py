@@ -5,9 +5,8 @@ every call, which for the dozen token rows of a one-sentence request (or the 32 
 pass) is most of the matmul: a py-spy profile of an encoder replica showed it in ``sgemm_scopy``.
 With ``W.T`` contiguous it does not; the values and the ``[out, in]`` shape stay, outputs are
 bit-identical. Measured: the one-sentence latency of the torch encoder in
-``loadtest/results/variants.md``; on the default generative base (ad hoc, 2026-12-02, AVX2, two
-engines' steps interleaved in one process, 355 decode passes of 32 rows with 8 adapters each)
-a decode pass took 16.26 ms at the median against 16.82 ms, with the same tokens.
+``loadtest/results/variants.md``. On the default generative base the gain per decode pass was
+small (a few percent, ad hoc, not in a committed run).
 """
 
 from __future__ import annotations

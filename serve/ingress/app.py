@@ -7,7 +7,8 @@ own errors (unknown route, wrong method, its 422) are mapped to the error envelo
 The two hot routes (``/v1/embeddings``, ``/v1/classify``) are plain Starlette routes in front of
 FastAPI's: they take the raw request anyway, and FastAPI's per-request machinery around an
 endpoint (scope copies, dependency solving, its telemetry check, the exit-stack middleware) was
-about a tenth of a replica's CPU per request at c32 (``loadtest/results/path-budget.md``). They
+about 8% of a replica's CPU per request at c32 (``loadtest/results/path-budget-before.md``; after:
+``path-budget.md``). They
 reach the Router as Ray's own class-based routes do (the replica context's servable object),
 kept on the app they are served by after the first request.
 
