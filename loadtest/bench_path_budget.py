@@ -112,7 +112,7 @@ def window(server: Server, target: Target, duration: float, spy_out: Path) -> di
             "client_cpu_share": run["result"]["client_cpu_share"]}
 
 
-def render(results: dict[str, list[dict]]) -> str:
+def render(results: dict[str, list[dict]], concurrency: int = 32) -> str:
     out = []
     for variant, runs in results.items():
         roles = sorted({k for r in runs for k in r["cpu_us"]}, key=lambda k: -max(r["cpu_us"].get(k, 0) for r in runs))
@@ -129,7 +129,7 @@ def render(results: dict[str, list[dict]]) -> str:
             if max(per) >= 1:
                 srows.append(f"| {s} | {fmt(Stat.of(per), 0)} | {fmt(Stat.of(100 * x for x in share), 1)} |")
         out.append(
-            f"## {variant}\n\nc32: {fmt(Stat.of(r['rps'] for r in runs), 1)} req/s; CPU per answered request, all "
+            f"## {variant}\n\nc{concurrency}: {fmt(Stat.of(r['rps'] for r in runs), 1)} req/s; CPU per answered request, all "
             f"processes: {fmt(total, 0)} us.\n\n| process | CPU us per request |\n|---|---:|\n" + "\n".join(rows)
             + "\n\nInside the Router replicas (py-spy on one replica; its stage shares applied to all replicas' CPU):"
             "\n\n| stage | CPU us per request | share of samples % |\n|---|---:|---:|\n" + "\n".join(srows))
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = points.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), 15.0, 5.0)
     p.add_argument("--variants", default="onnx-int8,onnx,torch")
+    p.add_argument("--concurrency", type=int, default=32, help="connections in the measured window")
     a = points.finish_args(p, p.parse_args(argv))
     from serve.settings import load_settings
 
@@ -156,20 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(a.reps):
             for v in variants:
                 wait_quiet(a.wait_quiet, say)
-                target = Target(f"{v} c32", url, [points.body(f"{model}@{v}", SENTENCE)], 32)
+                target = Target(f"{v} c{a.concurrency}", url, [points.body(f"{model}@{v}", SENTENCE)], a.concurrency)
                 say(f"round {rep + 1}/{a.reps}, {v}: warm-up {a.warmup:g} s")
                 warm(url, target.bodies, 32, a.warmup)
                 results[v].append(window(server, target, a.duration, work / f"spy-{v}-{rep}.txt"))
     finally:
         server.stop()
     notes = [f"one `loraserve up` on {report.rel(a.config)} (free ports, temporary registry); per round and "
-             f"variant {a.warmup:g} s warm-up at c32, then {a.duration:g} s at c32 (wrk) while /proc is read and "
+             f"variant {a.warmup:g} s warm-up at c32, then {a.duration:g} s at c{a.concurrency} (wrk) while /proc is read and "
              "py-spy samples one Router replica (200 Hz, --nonblocking, idle threads not counted)",
              "CPU us per request: CPU seconds the process group used in the window / requests answered in it; "
              "stages: a sample goes to the first stage matching a frame, innermost first (loadtest/bench_path_budget.py STAGES)",
              f"whole run: {time.monotonic() - started:.0f} s"]
     facts = report.machine(argv, MODULE, a.reps, {"wrk": wrk_version()})
-    md, js = report.write(NAME, TITLE, facts, notes, render(results), {"args": vars(a), "results": results},
+    md, js = report.write(NAME, TITLE, facts, notes, render(results, a.concurrency), {"args": vars(a), "results": results},
                           a.quick, a.output)
     shutil.rmtree(work, ignore_errors=True)
     say(f"written to {report.rel(md)} and {report.rel(js)}")

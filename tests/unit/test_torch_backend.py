@@ -118,3 +118,16 @@ def test_fast_path_tokenization_equals_the_tokenizer(minilm, text):
     assert minilm.encode([text], truncate=True)[0] == tok(text, truncation=True, max_length=256)["input_ids"]
     if len(tok(text)["input_ids"]) <= 256:
         assert minilm.encode([text])[0] == tok(text)["input_ids"]
+
+
+def test_special_tokens_template_is_read_once_and_only_when_it_is_a_concatenation(minilm):
+    from models.tokenization import _single_template
+
+    tok = minilm.encoder.tokenizer
+    assert _single_template(tok) == ([tok.cls_token_id], [tok.sep_token_id])
+
+    class Reversing:  # a template that is not "before + body + after"
+        def build_inputs_with_special_tokens(self, ids):
+            return [0, *reversed(ids), 1]
+
+    assert _single_template(Reversing()) == (None, [])
