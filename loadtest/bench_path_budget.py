@@ -3,7 +3,7 @@ inside the Router replicas, per stage.
 
 One ``loraserve up`` on the config (free ports, a temporary registry), started once. Per round
 and variant (``--variants``, one short sentence per ``POST /v1/embeddings``): a warm-up at c32,
-then ``--duration`` seconds at c32 with wrk, during which
+then ``--duration`` seconds at ``--concurrency`` (32) with wrk, during which
 
 1. the CPU seconds (user + system, /proc/<pid>/stat) of every process of the service's tree are
    read before and after, grouped by role (HAProxy, Router replicas, Serve controller, Ray's
@@ -16,7 +16,7 @@ then ``--duration`` seconds at c32 with wrk, during which
    the samples times the replicas' CPU microseconds per request.
 
 Figures: median of ``--reps`` rounds with the spread. Written to loadtest/results/path-budget.md
-and .json. Usage (from the repository root):
+and .json (``--output`` for another name, e.g. the c1 run's; ``--note`` adds lines to its notes). Usage (from the repository root):
 ``.venv/bin/python -m loadtest.bench_path_budget [--quick] [--variants onnx-int8,onnx,torch]``.
 """
 
@@ -38,7 +38,7 @@ from loadtest.service import TICK, Server, bench_config, wait_quiet, workdir
 from serve.processes import cmdline, descendants, proc_stat
 
 NAME, MODULE = "path-budget", "loadtest.bench_path_budget"
-TITLE = "Serving path: CPU per request, by process and by stage (one short sentence per request, c32)"
+TITLE = "Serving path: CPU per request, by process and by stage (one short sentence per request, c{c})"
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 ROLES = (("HAProxy", "haproxy"), ("Router replicas", "ServeReplica"), ("Serve controller", "ServeController"),
          ("Ray's proxy", "ProxyActor"), ("raylet", "raylet"), ("GCS", "gcs_server"),
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p = points.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), 15.0, 5.0)
     p.add_argument("--variants", default="onnx-int8,onnx,torch")
     p.add_argument("--concurrency", type=int, default=32, help="connections in the measured window")
+    p.add_argument("--note", action="append", default=[], help="a line for the results file's notes (what was changed)")
     a = points.finish_args(p, p.parse_args(argv))
     from serve.settings import load_settings
 
@@ -168,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
              "py-spy samples one Router replica (200 Hz, --nonblocking, idle threads not counted)",
              "CPU us per request: CPU seconds the process group used in the window / requests answered in it; "
              "stages: a sample goes to the first stage matching a frame, innermost first (loadtest/bench_path_budget.py STAGES)",
-             f"whole run: {time.monotonic() - started:.0f} s"]
+             f"whole run: {time.monotonic() - started:.0f} s", *a.note]
     facts = report.machine(argv, MODULE, a.reps, {"wrk": wrk_version()})
-    md, js = report.write(NAME, TITLE, facts, notes, render(results, a.concurrency), {"args": vars(a), "results": results},
+    md, js = report.write(NAME, TITLE.format(c=a.concurrency), facts, notes, render(results, a.concurrency), {"args": vars(a), "results": results},
                           a.quick, a.output)
     shutil.rmtree(work, ignore_errors=True)
     say(f"written to {report.rel(md)} and {report.rel(js)}")

@@ -37,9 +37,11 @@ from loadtest.report import Stat, fmt, ratios, say
 
 NAME, MODULE = "variants-build", "loadtest.variant_build"
 TITLE = "ONNX variants: build cost and parity with torch"
-CONFIGURED, PLAIN = "configured (SmoothQuant recipe, per-channel)", "plain int8 (smoothquant off, per-channel)"
-SETTINGS = {CONFIGURED: {}, PLAIN: {"smoothquant": False},
-            "per-tensor int8 (smoothquant off)": {"smoothquant": False, "per_channel": False}}
+CONFIGURED = "configured (SmoothQuant recipe, per-channel, static shapes)"
+PLAIN = "plain int8 as before the recipe (smoothquant and static shapes off, per-channel)"
+SETTINGS = {CONFIGURED: {}, PLAIN: {"smoothquant": False, "static_shapes": False},
+            "per-tensor int8 (smoothquant and static shapes off)":
+                {"smoothquant": False, "per_channel": False, "static_shapes": False}}
 
 
 def step_name(message: str) -> str:

@@ -121,6 +121,11 @@ class OnnxSpec(_Strict):
         "first layers first, rounded to the nearest count: 4 of minilm's 6) kept in fp32 in "
         "`onnx-int8`, when `smoothquant` is on.",
     )
+    static_shapes: bool = Field(
+        True, description="Give the exported graph's reshapes constant targets and fold the "
+        "shape reads it can (models.variants.shapes): fewer nodes per call, same function. "
+        "Off: the exporter's graph as it is.",
+    )
     reload_poll_s: float = Field(
         2.0, ge=0, description="How often a replica checks its variant files for replacement "
         "(a replaced file serves only after it passes parity). 0: never.",

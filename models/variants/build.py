@@ -3,7 +3,8 @@
 Pipeline (``ensure_variants``), each step printed with its time:
 
 1. export the encoder with optimum (``main_export``, task ``feature-extraction``, the legacy
-   torch exporter: node names follow module names, which step 2 relies on);
+   torch exporter: node names follow module names, which step 2 relies on), then give its
+   reshapes constant targets (``models.variants.shapes``: the per-call shape arithmetic goes);
 2. ``lora.onnx``: the same graph with LoRA stacks as inputs (``models.onnx_graph``);
 3. ``onnx-int8``: first SmoothQuant and the first feed-forward output projections kept fp32
    (``models.variants.smoothing.recipe``; activation ranges from real calibration sentences the
@@ -105,6 +106,7 @@ def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
 
     from models.onnx_backend import OnnxBackend
     from models.onnx_graph import add_lora_inputs
+    from models.variants.shapes import static_shapes
 
     settings = build_settings(spec)
     raw = out / "export"
@@ -113,6 +115,11 @@ def _build(spec: ModelSpec, source: Path, out: Path, say: Progress) -> None:
     _export(source, raw)
     say(f"{spec.id}: exported in {time.perf_counter() - t:.1f} s")
     model = onnx.load(str(raw / "model.onnx"))
+    if settings["static_shapes"]:
+        folded = static_shapes(model)
+        onnx.save(model, str(raw / "model.onnx"))
+        say(f"{spec.id}: static shapes: {folded['reshapes']} reshape targets and {folded['shape_constants']} "
+            f"shape reads made constant, {folded['nodes_removed']} nodes dropped")
     maxima = _calibrate(spec, source, model, settings)
     modules = add_lora_inputs(model)
     onnx.save(model, str(raw / "lora.onnx"))

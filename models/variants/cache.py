@@ -56,6 +56,7 @@ def build_settings(spec: ModelSpec) -> dict:
         "per_channel": spec.onnx.per_channel,
         "smoothquant": {"alpha": spec.onnx.smoothquant_alpha, "fp32_ffn_share": spec.onnx.int8_fp32_ffn_share,
                         "calibration_texts": CALIBRATION_TEXTS} if spec.onnx.smoothquant else None,
+        "static_shapes": spec.onnx.static_shapes,
         "offline_optimization": "extended",
         # the references: the outputs torch computes, on which probe sentences
         "outputs": {"task": spec.task, "normalize": spec.normalize, "pooling": spec.pooling,
