@@ -8,12 +8,17 @@ then ``--duration`` seconds at ``--concurrency`` (32) with wrk, during which
 1. the CPU seconds (user + system, /proc/<pid>/stat) of every process of the service's tree are
    read before and after, grouped by role (HAProxy, Router replicas, Serve controller, Ray's
    proxy, raylet, GCS, dashboard and agents, the CLI, other): CPU microseconds per answered request;
-2. py-spy samples one Router replica (``--nonblocking``: the replica is never paused; Python
-   stacks; idle threads not counted). Each sample goes to the first stage that matches one of
-   its frames, from the innermost frame outward (``STAGES``): the model call, tokenization, JSON,
-   pydantic, metrics, FastAPI/Starlette, the HTTP server, Ray Serve's request machinery, Ray's
-   core, asyncio and threads, our own code. A stage's microseconds per request are its share of
-   the samples times the replicas' CPU microseconds per request.
+2. inside the Router replicas, each thread's CPU seconds (/proc/<pid>/task/<tid>/stat), grouped:
+   the event loop, the model's executor thread (where ONNX Runtime / torch run), Ray's main
+   thread, Ray's C++ threads (no Python stack: gRPC, I/O, metrics), other Python threads;
+3. py-spy samples one replica's GIL holder (``--gil --nonblocking``: never paused; only a thread
+   running Python or C code under the GIL is sampled, so an idle thread never counts, and
+   neither does ONNX Runtime's or torch's compute, which releases the GIL). Each sample goes to
+   the first stage that matches one of its frames, from the innermost frame outward
+   (``STAGES``): tokenization, JSON, pydantic, metrics, FastAPI/Starlette, the HTTP server, Ray
+   Serve's request machinery, Ray's core, asyncio and threads, our own code. Samples / rate is the
+   time under the GIL; over the replica's share of the requests (answered / replicas) it is
+   microseconds per request. The model threads' CPU less their time under the GIL is the compute.
 
 Figures: median of ``--reps`` rounds with the spread. Written to loadtest/results/path-budget.md
 and .json (``--output`` for another name, e.g. the c1 run's; ``--note`` adds lines to its notes). Usage (from the repository root):
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +45,7 @@ from loadtest.service import TICK, Server, bench_config, wait_quiet, workdir
 from serve.processes import cmdline, descendants, proc_stat
 
 NAME, MODULE = "path-budget", "loadtest.bench_path_budget"
+RATE = 200  # py-spy samples per second
 TITLE = "Serving path: CPU per request, by process and by stage (one short sentence per request, c{c})"
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 ROLES = (("HAProxy", "haproxy"), ("Router replicas", "ServeReplica"), ("Serve controller", "ServeController"),
@@ -85,54 +93,105 @@ def stage_of(stack: str) -> str:
     return "other"
 
 
-def parse_raw(text: str) -> collections.Counter:
-    """py-spy's raw (collapsed) output: ``frame;frame;... count`` per line -> samples per stage."""
-    got: collections.Counter = collections.Counter()
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread id of one process."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
+        try:
+            f = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        out[tid] = (int(f[11]) + int(f[12])) / TICK
+    return out
+
+
+def thread_names(pid: int) -> dict[str, str]:
+    """Python thread names by thread id (``py-spy dump``); threads without one are Ray's C++."""
+    dump = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "--pid", str(pid), "--nonblocking"],
+                          capture_output=True, text=True, timeout=60).stdout
+    return {m.group(1): m.group(2) for m in re.finditer(r'^Thread (?:0x[0-9a-fA-F]+ )?\(?(\d+)\)?[^"\n]*"([^"]*)"', dump, re.M)}
+
+
+def thread_group(name: str | None, model: str) -> str:
+    if name is None:
+        return "Ray's C++ threads (gRPC, I/O, metrics)"
+    if name.startswith("AsyncIO Thread"):
+        return "event loop"
+    if name.startswith(f"{model}-"):
+        return "model executor thread"
+    if name == "MainThread":
+        return "Ray's main thread"
+    return "other Python threads"
+
+
+def gil_samples(text: str, model: str) -> tuple[collections.Counter, int]:
+    """py-spy ``--gil --threads`` raw output: samples per stage, and the model threads' samples."""
+    stages: collections.Counter = collections.Counter()
+    model_samples = 0
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            got[stage_of(stack)] += int(count)
-    return got
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[0].startswith("thread ("):
+            thread, frames = frames[0], frames[1:]
+            if f": {model}-" in thread:
+                model_samples += int(count)
+        stages[stage_of(";".join(frames))] += int(count)
+    return stages, model_samples
 
 
-def window(server: Server, target: Target, duration: float, spy_out: Path) -> dict:
-    replica = server.replica_pids()[0]
-    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(replica),
-                            "--duration", str(int(duration)), "--rate", "200", "--nonblocking", "--format", "raw",
-                            "--output", str(spy_out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    before = cpu_by_role(server.pid)
+def window(server: Server, target: Target, duration: float, spy_out: Path, model: str) -> dict:
+    replicas = server.replica_pids()
+    spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(replicas[0]),
+                            "--duration", str(int(duration)), "--rate", str(RATE), "--nonblocking", "--gil",
+                            "--threads", "--format", "raw", "--output", str(spy_out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    before, threads_before = cpu_by_role(server.pid), {p: thread_cpu(p) for p in replicas}
     run = points.window(target, duration, server)
-    after = cpu_by_role(server.pid)
+    after, threads_after = cpu_by_role(server.pid), {p: thread_cpu(p) for p in replicas}
     spy.wait(timeout=duration + 30)
     answered = run["result"]["ok"]
-    cpu_us = {k: (after.get(k, 0.0) - before.get(k, 0.0)) * 1e6 / max(answered, 1) for k in after}
-    stages = parse_raw(spy_out.read_text()) if spy_out.exists() else collections.Counter()
-    return {"rps": run["result"]["rps"], "answered": answered, "errors": run["result"]["errors"],
-            "cpu_us": cpu_us, "stage_samples": dict(stages), "other_cores": run["other_cores"],
+    per = max(answered, 1)
+    cpu_us = {k: (after.get(k, 0.0) - before.get(k, 0.0)) * 1e6 / per for k in after}
+    groups: dict[str, float] = collections.defaultdict(float)
+    for pid in replicas:
+        names = thread_names(pid)
+        for tid, t in threads_after[pid].items():
+            groups[thread_group(names.get(tid), model)] += (t - threads_before[pid].get(tid, 0.0)) * 1e6 / per
+    stages, model_samples = gil_samples(spy_out.read_text(), model) if spy_out.exists() else (collections.Counter(), 0)
+    share = max(answered / len(replicas), 1)  # the sampled replica's requests
+    gil_us = {k: v / RATE * 1e6 / share for k, v in stages.items()}
+    compute = groups.get("model executor thread", 0.0) - model_samples / RATE * 1e6 / share
+    return {"rps": run["result"]["rps"], "p50_ms": run["result"].get("p50_ms"), "answered": answered,
+            "errors": run["result"]["errors"], "cpu_us": cpu_us, "thread_us": dict(groups), "gil_us": gil_us,
+            "model_compute_us": compute, "other_cores": run["other_cores"],
             "client_cpu_share": run["result"]["client_cpu_share"]}
+
+
+def _rows(runs: list[dict], key: str, order: list[str] | None = None) -> list[str]:
+    names = order or sorted({k for r in runs for k in r[key]}, key=lambda k: -max(r[key].get(k, 0.0) for r in runs))
+    return [f"| {k} | {fmt(Stat.of(r[key].get(k, 0.0) for r in runs), 0)} |" for k in names
+            if max(r[key].get(k, 0.0) for r in runs) >= 1]
 
 
 def render(results: dict[str, list[dict]], concurrency: int = 32) -> str:
     out = []
     for variant, runs in results.items():
-        roles = sorted({k for r in runs for k in r["cpu_us"]}, key=lambda k: -max(r["cpu_us"].get(k, 0) for r in runs))
         total = Stat.of(sum(r["cpu_us"].values()) for r in runs)
-        rows = [f"| {k} | {fmt(Stat.of(r['cpu_us'].get(k, 0.0) for r in runs), 0)} |" for k in roles
-                if max(r["cpu_us"].get(k, 0.0) for r in runs) >= 1]
-        replica = [r["cpu_us"].get("Router replicas", 0.0) for r in runs]
-        names = [s for s, _ in STAGES] + ["other"]
-        srows = []
-        for s in names:
-            per = [rep * r["stage_samples"].get(s, 0) / max(sum(r["stage_samples"].values()), 1)
-                   for rep, r in zip(replica, runs)]
-            share = [r["stage_samples"].get(s, 0) / max(sum(r["stage_samples"].values()), 1) for r in runs]
-            if max(per) >= 1:
-                srows.append(f"| {s} | {fmt(Stat.of(per), 0)} | {fmt(Stat.of(100 * x for x in share), 1)} |")
+        gil = Stat.of(sum(r["gil_us"].values()) for r in runs)
+        p50 = fmt(Stat.of(r["p50_ms"] for r in runs), 2) if all(r.get("p50_ms") for r in runs) else "-"
         out.append(
-            f"## {variant}\n\nc{concurrency}: {fmt(Stat.of(r['rps'] for r in runs), 1)} req/s; CPU per answered request, all "
-            f"processes: {fmt(total, 0)} us.\n\n| process | CPU us per request |\n|---|---:|\n" + "\n".join(rows)
-            + "\n\nInside the Router replicas (py-spy on one replica; its stage shares applied to all replicas' CPU):"
-            "\n\n| stage | CPU us per request | share of samples % |\n|---|---:|---:|\n" + "\n".join(srows))
+            f"## {variant}\n\nc{concurrency}: {fmt(Stat.of(r['rps'] for r in runs), 1)} req/s, p50 {p50} ms; CPU per "
+            f"answered request, all processes: {fmt(total, 0)} us.\n\n| process | CPU us per request |\n|---|---:|\n"
+            + "\n".join(_rows(runs, "cpu_us"))
+            + "\n\nThe Router replicas by thread (/proc, all replicas):\n\n| thread | CPU us per request |\n|---|---:|\n"
+            + "\n".join(_rows(runs, "thread_us"))
+            + f"\n\nModel compute (the model threads' CPU less their time under the GIL): "
+            f"{fmt(Stat.of(r['model_compute_us'] for r in runs), 0)} us per request.\n\n"
+            f"Under the GIL, by stage (py-spy on one replica, per request of that replica; all threads): "
+            f"{fmt(gil, 0)} us per request.\n\n| stage | us per request under the GIL |\n|---|---:|\n"
+            + "\n".join(_rows(runs, "gil_us", [s for s, _ in STAGES] + ["other"])))
     return "\n\n".join(out)
 
 
@@ -161,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                 target = Target(f"{v} c{a.concurrency}", url, [points.body(f"{model}@{v}", SENTENCE)], a.concurrency)
                 say(f"round {rep + 1}/{a.reps}, {v}: warm-up {a.warmup:g} s")
                 warm(url, target.bodies, 32, a.warmup)
-                results[v].append(window(server, target, a.duration, work / f"spy-{v}-{rep}.txt"))
+                results[v].append(window(server, target, a.duration, work / f"spy-{v}-{rep}.txt", model))
     finally:
         server.stop()
     notes = [f"one `loraserve up` on {report.rel(a.config)} (free ports, temporary registry); per round and "
-             f"variant {a.warmup:g} s warm-up at c32, then {a.duration:g} s at c{a.concurrency} (wrk) while /proc is read and "
-             "py-spy samples one Router replica (200 Hz, --nonblocking, idle threads not counted)",
+             f"variant {a.warmup:g} s warm-up at c32, then {a.duration:g} s at c{a.concurrency} (wrk) while /proc is read (processes, "
+             f"and every replica's threads) and py-spy samples one replica's GIL holder ({RATE} Hz, --gil --nonblocking)",
              "CPU us per request: CPU seconds the process group used in the window / requests answered in it; "
              "stages: a sample goes to the first stage matching a frame, innermost first (loadtest/bench_path_budget.py STAGES)",
              f"whole run: {time.monotonic() - started:.0f} s", *a.note]

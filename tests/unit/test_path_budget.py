@@ -1,7 +1,8 @@
-"""The path budget's sample classification: each py-spy stack goes to the first stage matching one
-of its frames, innermost first; raw (collapsed) lines are summed per stage."""
+"""The path budget's classification: each py-spy stack goes to the first stage matching one of its
+frames, innermost first; GIL samples (``--threads`` raw lines) are summed per stage, the model's
+executor threads counted apart; replica threads are grouped by their Python names."""
 
-from loadtest.bench_path_budget import parse_raw, stage_of
+from loadtest.bench_path_budget import gil_samples, stage_of, thread_group
 
 UVICORN = "run (uvicorn/server.py:65);handle (h11/_connection.py:500)"
 
@@ -17,6 +18,24 @@ def test_the_innermost_matching_frame_decides():
     assert stage_of("main (somewhere.py:1)") == "other"
 
 
-def test_raw_lines_are_summed_per_stage():
-    text = "\n".join([UVICORN + " 7", UVICORN + ";dumps (json/__init__.py:231) 3", "main (x.py:1) 2", "garbage"])
-    assert parse_raw(text) == {"HTTP server (uvicorn, h11, httptools)": 7, "JSON": 3, "other": 2}
+def test_gil_samples_are_summed_per_stage_and_the_model_threads_apart():
+    text = "\n".join([
+        "thread (11): AsyncIO Thread: default;" + UVICORN + " 7",
+        "thread (11): AsyncIO Thread: default;" + UVICORN + ";dumps (json/__init__.py:231) 3",
+        "thread (12): minilm-onnx_0;run (threading.py:1);predict (models/onnx_backend.py:200) 4",
+        "thread (13): minilm-torch_0;main (x.py:1) 2",  # another variant's thread of the same model
+        "main (x.py:1) 1",  # a line without a thread frame
+        "garbage",
+    ])
+    stages, model = gil_samples(text, "minilm")
+    assert stages == {"HTTP server (uvicorn, h11, httptools)": 7, "JSON": 3, "model (ONNX Runtime / torch)": 4,
+                      "other": 3}
+    assert model == 6
+
+
+def test_threads_are_grouped_by_name():
+    assert thread_group("AsyncIO Thread: default", "minilm") == "event loop"
+    assert thread_group("minilm-onnx-int8_0", "minilm") == "model executor thread"
+    assert thread_group("storyteller-torch_0", "minilm") == "other Python threads"
+    assert thread_group("MainThread", "minilm") == "Ray's main thread"
+    assert thread_group(None, "minilm") == "Ray's C++ threads (gRPC, I/O, metrics)"
