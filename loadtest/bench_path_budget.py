@@ -1,7 +1,9 @@
 """Where a request's CPU goes on the serving path: CPU microseconds per request, per process and,
 inside the Router replicas, per stage.
 
-One ``loraserve up`` on the config (free ports, a temporary registry), started once. Per round
+One ``loraserve up`` on the config (free ports, a temporary registry, the Router pinned at its
+``max_replicas``: a quiet c1 minute would otherwise let the autoscaler drop a replica and start it
+again inside later windows), started once. Per round
 and variant (``--variants``, one short sentence per ``POST /v1/embeddings``): a warm-up at c32,
 then ``--duration`` seconds at ``--concurrency`` (32) with wrk, during which
 
@@ -202,12 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32, help="connections in the measured window")
     p.add_argument("--note", action="append", default=[], help="a line for the results file's notes (what was changed)")
     a = points.finish_args(p, p.parse_args(argv))
-    from serve.settings import load_settings
+    from serve.settings import load_config, load_settings, replica_bounds
 
     model = load_settings(a.config).models[0].id
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     work, started = workdir(NAME), time.monotonic()
-    server = Server.loraserve(NAME, bench_config(a.config, work / "state"), work)
+    # pinned at the Router's max_replicas: the autoscaler would otherwise drop a replica during a
+    # quiet c1 minute and start it again (tens of CPU seconds) inside the next windows
+    replicas = replica_bounds(load_config(a.config))[1]
+    server = Server.loraserve(NAME, bench_config(a.config, work / "state", replicas=replicas), work)
     results: dict[str, list[dict]] = {v: [] for v in variants}
     try:
         say(f"starting (log: {report.rel(server.log_path)})")
@@ -223,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[v].append(window(server, target, a.duration, work / f"spy-{v}-{rep}.txt", model))
     finally:
         server.stop()
-    notes = [f"one `loraserve up` on {report.rel(a.config)} (free ports, temporary registry); per round and "
+    notes = [f"one `loraserve up` on {report.rel(a.config)} (free ports, temporary registry, the Router pinned at "
+             f"its max_replicas, {replicas}: no autoscaling between windows); per round and "
              f"variant {a.warmup:g} s warm-up at c32, then {a.duration:g} s at c{a.concurrency} (wrk) while /proc is read (processes, "
              f"and every replica's threads) and py-spy samples one replica's GIL holder ({RATE} Hz, --gil --nonblocking)",
              "CPU us per request: CPU seconds the process group used in the window / requests answered in it; "
