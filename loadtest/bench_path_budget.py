@@ -161,6 +161,7 @@ def window(server: Server, target: Target, duration: float, spy_out: Path, model
         names = thread_names(pid)
         for tid, t in threads_after[pid].items():
             groups[thread_group(names.get(tid), model)] += (t - threads_before[pid].get(tid, 0.0)) * 1e6 / per
+    groups["not attributed (exited threads, reaped children)"] = cpu_us.get("Router replicas", 0.0) - sum(groups.values())
     stages, model_samples = gil_samples(spy_out.read_text(), model) if spy_out.exists() else (collections.Counter(), 0)
     share = max(answered / len(replicas), 1)  # the sampled replica's requests
     gil_us = {k: v / RATE * 1e6 / share for k, v in stages.items()}
