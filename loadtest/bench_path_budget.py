@@ -18,9 +18,10 @@ then ``--duration`` seconds at ``--concurrency`` (32) with wrk, during which
    neither does ONNX Runtime's or torch's compute, which releases the GIL). Each sample goes to
    the first stage that matches one of its frames, from the innermost frame outward
    (``STAGES``): tokenization, JSON, pydantic, metrics, FastAPI/Starlette, the HTTP server, Ray
-   Serve's request machinery, Ray's core, asyncio and threads, our own code. Samples / rate is the
-   time under the GIL; over the replica's share of the requests (answered / replicas) it is
-   microseconds per request. The model threads' CPU less their time under the GIL is the compute.
+   Serve's request machinery, Ray's core, asyncio and threads, our own code. Samples measure wall
+   time under the GIL (a holder the scheduler preempts still holds it), so they give shares; the
+   shares split the replicas' Python CPU, and the model threads' CPU less their share is the
+   model's compute (``cpu_split``).
 
 Figures: median of ``--reps`` rounds with the spread. Written to loadtest/results/path-budget.md
 and .json (``--output`` for another name, e.g. the c1 run's; ``--note`` adds lines to its notes). Usage (from the repository root):
@@ -178,11 +179,29 @@ def _rows(runs: list[dict], key: str, order: list[str] | None = None) -> list[st
             if max(r[key].get(k, 0.0) for r in runs) >= 1]
 
 
+PYTHON_THREADS = ("event loop", "Ray's main thread", "other Python threads")
+
+
+def cpu_split(run: dict) -> tuple[dict[str, float], float]:
+    """Stage CPU us per request and the model's compute, from one window. GIL samples count wall
+    time under the GIL (a holder the scheduler preempts still holds it), so they give shares, not
+    times: the shares split the replicas' Python CPU, which is the Python threads' CPU plus the
+    model threads' share of the samples (f): python = others / (1 - f); compute = model thread
+    CPU - f x python."""
+    gil = run["gil_us"]
+    total = sum(gil.values()) or 1.0
+    model = run["thread_us"].get("model executor thread", 0.0)
+    f = min(max((model - run["model_compute_us"]) / total, 0.0), 0.99)
+    python = sum(run["thread_us"].get(k, 0.0) for k in PYTHON_THREADS) / (1 - f)
+    return {k: v / total * python for k, v in gil.items()}, model - f * python
+
+
 def render(results: dict[str, list[dict]], concurrency: int = 32) -> str:
     out = []
     for variant, runs in results.items():
         total = Stat.of(sum(r["cpu_us"].values()) for r in runs)
-        gil = Stat.of(sum(r["gil_us"].values()) for r in runs)
+        split = [cpu_split(r) for r in runs]
+        stages = [{"stage_cpu_us": st} for st, _ in split]
         p50 = fmt(Stat.of(r["p50_ms"] for r in runs), 2) if all(r.get("p50_ms") for r in runs) else "-"
         out.append(
             f"## {variant}\n\nc{concurrency}: {fmt(Stat.of(r['rps'] for r in runs), 1)} req/s, p50 {p50} ms; CPU per "
@@ -190,16 +209,31 @@ def render(results: dict[str, list[dict]], concurrency: int = 32) -> str:
             + "\n".join(_rows(runs, "cpu_us"))
             + "\n\nThe Router replicas by thread (/proc, all replicas):\n\n| thread | CPU us per request |\n|---|---:|\n"
             + "\n".join(_rows(runs, "thread_us"))
-            + f"\n\nModel compute (the model threads' CPU less their time under the GIL): "
-            f"{fmt(Stat.of(r['model_compute_us'] for r in runs), 0)} us per request.\n\n"
-            f"Under the GIL, by stage (py-spy on one replica, per request of that replica; all threads): "
-            f"{fmt(gil, 0)} us per request.\n\n| stage | us per request under the GIL |\n|---|---:|\n"
-            + "\n".join(_rows(runs, "gil_us", [s for s, _ in STAGES] + ["other"])))
+            + f"\n\nModel compute (the model threads' CPU less their Python share): "
+            f"{fmt(Stat.of(c for _, c in split), 0)} us per request. The replicas' Python work by stage (shares "
+            "of py-spy's GIL samples on one replica, applied to the replicas' Python CPU; `cpu_split`):"
+            "\n\n| stage | CPU us per request |\n|---|---:|\n"
+            + "\n".join(_rows(stages, "stage_cpu_us", [s for s, _ in STAGES] + ["other"])))
     return "\n\n".join(out)
+
+
+def rerender(path: str) -> Path:
+    """Write a results file's markdown again from its JSON (after a change to the tables)."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    c = data["args"]["concurrency"]
+    md = Path(path).with_suffix(".md")
+    md.write_text(report.header(data["title"], data["machine"], data["notes"], data.get("smoke_run", False))
+                  + "\n" + render(data["results"], c).rstrip() + "\n")
+    return md
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--rerender"]:
+        say(f"written to {report.rel(rerender(argv[1]))}")
+        return 0
     p = points.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), 15.0, 5.0)
     p.add_argument("--variants", default="onnx-int8,onnx,torch")
     p.add_argument("--concurrency", type=int, default=32, help="connections in the measured window")

@@ -39,3 +39,18 @@ def test_threads_are_grouped_by_name():
     assert thread_group("storyteller-torch_0", "minilm") == "other Python threads"
     assert thread_group("MainThread", "minilm") == "Ray's main thread"
     assert thread_group(None, "minilm") == "Ray's C++ threads (gRPC, I/O, metrics)"
+
+
+def test_gil_shares_split_the_python_cpu_and_the_rest_of_the_model_thread_is_compute():
+    from loadtest.bench_path_budget import cpu_split
+
+    # 1,000 us of GIL time (wall: preempted holders inflate it), 200 of it the model thread's;
+    # the Python threads used 600 us of CPU, so Python work is 600 / (1 - 0.2) = 750 us in all
+    run = {"gil_us": {"HTTP server (uvicorn, h11, httptools)": 500.0, "tokenization": 300.0,
+                      "model (ONNX Runtime / torch)": 200.0},
+           "thread_us": {"event loop": 550.0, "Ray's main thread": 50.0, "model executor thread": 3000.0},
+           "model_compute_us": 2800.0}
+    stages, compute = cpu_split(run)
+    assert stages == {"HTTP server (uvicorn, h11, httptools)": 375.0, "tokenization": 225.0,
+                      "model (ONNX Runtime / torch)": 150.0}
+    assert compute == 3000.0 - 150.0
