@@ -224,7 +224,8 @@ def rerender(path: str) -> Path:
     data = json.loads(Path(path).read_text())
     c = data["args"]["concurrency"]
     md = Path(path).with_suffix(".md")
-    md.write_text(report.header(data["title"], data["machine"], data["notes"], data.get("smoke_run", False))
+    notes = [*data["notes"], f"tables written again from this file's JSON by `--rerender` at commit {report.commit()}"]
+    md.write_text(report.header(data["title"], data["machine"], notes, data.get("smoke_run", False))
                   + "\n" + render(data["results"], c).rstrip() + "\n")
     return md
 
