@@ -3,8 +3,8 @@
 The legacy torch exporter writes every reshape's target as a small subgraph, ``Shape`` ->
 ``Gather`` -> ``Unsqueeze`` -> ``Concat`` (``[batch, tokens, heads, head_dim]`` built from the
 input's own shape), and the attention scale as ``Sqrt(Cast(Slice(Shape(q))))``. ONNX Runtime
-cannot fold them (batch and tokens are dynamic), so each call runs those ~100 tiny nodes: for one
-short sentence they cost as much as a large share of the matrix products.
+cannot fold them (batch and tokens are dynamic), so every call runs those tiny nodes (on
+all-MiniLM-L6-v2 the pass drops 198 of them; the build prints the count).
 
 ``static_shapes`` uses ONNX Runtime's symbolic shape inference to learn each tensor's shape in
 terms of ``batch_size`` and ``sequence_length``, then

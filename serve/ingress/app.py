@@ -8,10 +8,12 @@ The two hot routes (``POST /v1/embeddings``, ``/v1/classify``) skip FastAPI alto
 ``__call__`` hands them to their handler before FastAPI's middleware stack (error, telemetry,
 body-limit and exit-stack middleware) and router. They take the raw request anyway (the body
 limit, auth and errors are theirs), and FastAPI's per-request machinery was about 8% of a
-replica's CPU per request at c32 (``loadtest/results/path-budget-before.md``), its middleware
-alone about 10% of the event loop's time at c1. Other methods on those paths still go through
-FastAPI (405 in the envelope). They reach the Router as Ray's own class-based routes do (the
-replica context's servable object), kept on the app after the first request.
+replica's CPU per request at c32 (``loadtest/results/path-budget-before.md``). With HAProxy's
+no-disconnect-watch header (``serve.haproxy``) this cut the event loop's CPU per request at c1
+by 17-21% on the ONNX variants (``path-budget-c1-before.md`` vs ``path-budget-c1.md``). Other
+methods on those paths still go through FastAPI (405 in the envelope). They reach the Router as
+Ray's own class-based routes do (the replica context's servable object), kept on the app after
+the first request.
 
 No ``from __future__ import annotations`` here: Ray's ``@serve.ingress`` re-wraps the route methods and
 FastAPI must see real annotation objects (``Request``), not strings.
