@@ -97,14 +97,12 @@ def stage_of(stack: str) -> str:
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread id of one process."""
+    """CPU seconds per thread id of one process (a thread's stat is also at /proc/<tid>)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
-        try:
-            f = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        out[tid] = (int(f[11]) + int(f[12])) / TICK
+        f = proc_stat(int(tid))
+        if f:
+            out[tid] = (int(f[11]) + int(f[12])) / TICK
     return out
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from models.errors import NotFound, NotReady, ServiceError
 from serve.errors import error_body, gateway_error
+from serve.ingress import HOT_PATHS
 
 SCRIPT = "loraserve-haproxy"
 ALL_INTERFACES = {"", "*", "0.0.0.0", "::", "[::]"}
@@ -54,7 +55,6 @@ WAIT_FOR_BODY = "http-request wait-for-body time 10s if { req.hdr_val(content-le
 # watch those connections for a disconnect: the header lets its direct-ingress wrapper await the
 # route inline instead of in two extra tasks (``Replica._direct_ingress_asgi``). Elsewhere a
 # client's copy of the header is dropped: a stream whose client leaves must free its slot.
-HOT_PATHS = ("/v1/embeddings", "/v1/classify")
 NO_DISCONNECT_WATCH = (
     "http-request del-header x-request-disconnect-disabled\n"
     "http-request set-header x-request-disconnect-disabled ?1 if METH_POST { path " + " ".join(HOT_PATHS) + " }"

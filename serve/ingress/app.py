@@ -7,13 +7,11 @@ own errors (unknown route, wrong method, its 422) are mapped to the error envelo
 The two hot routes (``POST /v1/embeddings``, ``/v1/classify``) skip FastAPI altogether: the app's
 ``__call__`` hands them to their handler before FastAPI's middleware stack (error, telemetry,
 body-limit and exit-stack middleware) and router. They take the raw request anyway (the body
-limit, auth and errors are theirs), and FastAPI's per-request machinery was about 8% of a
-replica's CPU per request at c32 (``loadtest/results/path-budget-before.md``). With HAProxy's
-no-disconnect-watch header (``serve.haproxy``) this cut the event loop's CPU per request at c1
-by 17-21% on the ONNX variants (``path-budget-c1-before.md`` vs ``path-budget-c1.md``). Other
-methods on those paths still go through FastAPI (405 in the envelope). They reach the Router as
-Ray's own class-based routes do (the replica context's servable object), kept on the app after
-the first request.
+limit, auth and errors are theirs). With HAProxy's no-disconnect-watch header
+(``serve.haproxy``) this cut the event loop's CPU per request at c1 by 17-21% on the ONNX
+variants (``path-budget-c1-before.md`` vs ``path-budget-c1.md``). Other methods on those paths
+still go through FastAPI (405 in the envelope). They reach the Router as Ray's own class-based
+routes do (the replica context's servable object), kept on the app after the first request.
 
 No ``from __future__ import annotations`` here: Ray's ``@serve.ingress`` re-wraps the route methods and
 FastAPI must see real annotation objects (``Request``), not strings.
@@ -28,7 +26,7 @@ from starlette.routing import Route
 
 from models.errors import InvalidRequest, MethodNotAllowed, NotFound, ServiceError
 from serve.autoscaling import ADAPTER_LOADS_PER_S, LoadRate
-from serve.ingress import admin, generation, listing
+from serve.ingress import HOT_PATHS, admin, generation, listing
 from serve.ingress.core import RouterCore
 from serve.ingress.http_io import check_api_key
 from serve.ingress.responses import error_response, json_response, serve_request_id
@@ -76,7 +74,7 @@ async def _classify(request: Request) -> Response:
     return await core.handle(request, "classify", ClassifyRequest, core.classify)
 
 
-_App.hot = {"/v1/embeddings": _embeddings, "/v1/classify": _classify}
+_App.hot = dict(zip(HOT_PATHS, (_embeddings, _classify)))
 app.router.routes[:0] = [Route(path, handler, methods=["POST"]) for path, handler in _App.hot.items()]
 
 
